@@ -1,0 +1,170 @@
+"""An in-process message bus with the semantics of core NATS, for tests.
+
+Several `InMemoryBus` connections share one `InMemoryBroker`, as several clients
+share one nats-server. The bus carries only bytes, so every message crosses it as
+codec output. Subjects are matched by NATS rules, payloads over the limit are
+rejected, and each subscription delivers in order from its own task, so a
+publisher is never re-entered by a handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from replistate.bus.base import (
+    BusState,
+    Handler,
+    StateListener,
+    closed_error,
+    validate_subject,
+)
+from replistate.codec import DEFAULT_MAX_PAYLOAD
+from replistate.errors import PayloadTooLargeError
+from replistate.subjects import subject_matches
+
+__all__ = ["InMemoryBroker", "InMemoryBus"]
+
+logger = logging.getLogger(__name__)
+
+
+class InMemoryBroker:
+    """The shared medium of a set of `InMemoryBus` connections.
+
+    Args:
+        max_payload: the largest payload accepted, in bytes, as the server's
+            `max_payload` setting.
+    """
+
+    def __init__(self, *, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+        self.max_payload = max_payload
+        self._subscriptions: list[_MemorySubscription] = []
+
+    def connect(self) -> InMemoryBus:
+        """Return a new, not yet connected, bus on this broker."""
+        return InMemoryBus(self)
+
+    def _route(self, subject: str, data: bytes) -> None:
+        for subscription in list(self._subscriptions):
+            if subject_matches(subscription.pattern, subject):
+                subscription.deliver(subject, data)
+
+
+class _MemorySubscription:
+    def __init__(
+        self, broker: InMemoryBroker, bus: InMemoryBus, pattern: str, handler: Handler
+    ) -> None:
+        self._broker = broker
+        self._bus = bus
+        self._pattern = pattern
+        self._handler = handler
+        self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._task = asyncio.create_task(self._run(), name=f"in-memory sub {pattern}")
+
+    @property
+    def pattern(self) -> str:
+        return self._pattern
+
+    def deliver(self, subject: str, data: bytes) -> None:
+        self._queue.put_nowait((subject, data))
+
+    async def _run(self) -> None:
+        while True:
+            subject, data = await self._queue.get()
+            try:
+                await self._handler(subject, data)
+            except Exception:
+                logger.exception("handler for subject %r failed", subject)
+            finally:
+                self._queue.task_done()
+
+    async def drain(self) -> None:
+        await self._queue.join()
+
+    async def unsubscribe(self) -> None:
+        with contextlib.suppress(ValueError):
+            self._broker._subscriptions.remove(self)
+        with contextlib.suppress(ValueError):
+            self._bus._subscriptions.remove(self)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+class InMemoryBus:
+    """One client connection to an `InMemoryBroker`.
+
+    Args:
+        broker: the shared medium; a private one is made when omitted.
+    """
+
+    def __init__(self, broker: InMemoryBroker | None = None) -> None:
+        self.broker = broker if broker is not None else InMemoryBroker()
+        self._state = BusState.DISCONNECTED
+        self._subscriptions: list[_MemorySubscription] = []
+        self._listeners: list[StateListener] = []
+
+    @property
+    def connected(self) -> bool:
+        return self._state is BusState.CONNECTED
+
+    @property
+    def max_payload(self) -> int:
+        return self.broker.max_payload
+
+    async def connect(self) -> None:
+        self._set_state(BusState.CONNECTED)
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        if not self.connected:
+            raise closed_error(f"publish on {subject!r}")
+        if not isinstance(data, bytes):
+            raise TypeError(f"payload must be bytes, got {type(data).__name__}")
+        validate_subject(subject)
+        if len(data) > self.max_payload:
+            raise PayloadTooLargeError(len(data), self.max_payload, subject=subject)
+        self.broker._route(subject, data)
+
+    async def subscribe(self, pattern: str, handler: Handler) -> _MemorySubscription:
+        if not self.connected:
+            raise closed_error(f"subscribe to {pattern!r}")
+        validate_subject(pattern, pattern=True)
+        subscription = _MemorySubscription(self.broker, self, pattern, handler)
+        self.broker._subscriptions.append(subscription)
+        self._subscriptions.append(subscription)
+        return subscription
+
+    async def flush(self) -> None:
+        if not self.connected:
+            raise closed_error("flush")
+        # Let the broker's routing finish, as a PING round trip does on NATS.
+        await asyncio.sleep(0)
+
+    async def drain(self) -> None:
+        """Wait until every subscription of this bus has handled what it has."""
+        for subscription in list(self._subscriptions):
+            await subscription.drain()
+
+    async def close(self) -> None:
+        if self._state is BusState.CLOSED:
+            return
+        for subscription in list(self._subscriptions):
+            await subscription.drain()
+            await subscription.unsubscribe()
+        self._set_state(BusState.CLOSED)
+
+    def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _set_state(self, state: BusState) -> None:
+        if state is self._state:
+            return
+        self._state = state
+        for listener in list(self._listeners):
+            try:
+                listener(state)
+            except Exception:
+                logger.exception("bus state listener failed on %s", state.value)

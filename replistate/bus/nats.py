@@ -1,0 +1,197 @@
+"""The message bus on NATS, through nats-py.
+
+The client reconnects without limit: a replica outlives any NATS outage, and the
+state listeners tell the replica when the connection drops and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import nats
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as _NatsSubscription
+
+from replistate.bus.base import (
+    BusState,
+    Handler,
+    StateListener,
+    closed_error,
+    validate_subject,
+)
+from replistate.errors import BusError, PayloadTooLargeError
+
+__all__ = ["NatsBus"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Subscription:
+    def __init__(self, pattern: str, subscription: _NatsSubscription) -> None:
+        self._pattern = pattern
+        self._subscription = subscription
+        self._active = True
+
+    @property
+    def pattern(self) -> str:
+        return self._pattern
+
+    async def unsubscribe(self) -> None:
+        if not self._active:
+            return
+        self._active = False
+        # Closing the connection may already have removed the subscription.
+        with contextlib.suppress(
+            nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError
+        ):
+            await self._subscription.unsubscribe()
+
+
+class NatsBus:
+    """A `MessageBus` on a NATS server.
+
+    Args:
+        url: the server URL, such as ``nats://127.0.0.1:4222``; several may be
+            given separated by commas.
+        name: the client name shown by the server's monitoring.
+        connect_timeout: seconds the first connection may take before `connect`
+            raises `BusError`.
+        reconnect_wait: seconds between reconnection attempts.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str | None = None,
+        connect_timeout: float = 10.0,
+        reconnect_wait: float = 0.5,
+    ) -> None:
+        self.url = url
+        self.name = name
+        self.connect_timeout = connect_timeout
+        self.reconnect_wait = reconnect_wait
+        self._client = Client()
+        self._state = BusState.DISCONNECTED
+        self._listeners: list[StateListener] = []
+        self._subscriptions: list[_Subscription] = []
+
+    @property
+    def connected(self) -> bool:
+        return self._client.is_connected
+
+    @property
+    def max_payload(self) -> int:
+        return self._client.max_payload
+
+    async def connect(self) -> None:
+        servers = [server.strip() for server in self.url.split(",")]
+        try:
+            await asyncio.wait_for(
+                self._client.connect(
+                    servers=servers,
+                    name=self.name,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=self.reconnect_wait,  # type: ignore[arg-type]
+                    connect_timeout=min(2, int(self.connect_timeout) or 1),
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_closed,
+                ),
+                timeout=self.connect_timeout,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            await self._client.close()
+            raise BusError(
+                f"cannot connect to NATS at {self.url} within "
+                f"{self.connect_timeout:g} s ({exc or type(exc).__name__}); check "
+                "that nats-server runs there"
+            ) from None
+        logger.info("connected to NATS at %s", self.url)
+        self._set_state(BusState.CONNECTED)
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        validate_subject(subject)
+        if len(data) > self._client.max_payload > 0:
+            raise PayloadTooLargeError(
+                len(data), self._client.max_payload, subject=subject
+            )
+        try:
+            await self._client.publish(subject, data)
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
+            raise closed_error(f"publish on {subject!r}") from None
+        except nats.errors.OutboundBufferLimitError as exc:
+            raise BusError(
+                f"cannot publish on {subject!r} while disconnected: {exc}"
+            ) from None
+
+    async def subscribe(self, pattern: str, handler: Handler) -> _Subscription:
+        validate_subject(pattern, pattern=True)
+
+        async def receive(msg: Msg) -> None:
+            try:
+                await handler(msg.subject, msg.data)
+            except Exception:
+                logger.exception("handler for subject %r failed", msg.subject)
+
+        try:
+            subscription = await self._client.subscribe(pattern, cb=receive)
+        except nats.errors.ConnectionClosedError:
+            raise closed_error(f"subscribe to {pattern!r}") from None
+        handle = _Subscription(pattern, subscription)
+        self._subscriptions.append(handle)
+        return handle
+
+    async def flush(self) -> None:
+        try:
+            await self._client.flush()
+        except (nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError):
+            raise closed_error("flush") from None
+
+    async def close(self) -> None:
+        if self._client.is_closed:
+            return
+        if self._client.is_connected:
+            try:
+                await self._client.drain()
+            except (nats.errors.Error, TimeoutError) as exc:
+                logger.warning("drain of NATS connection failed: %s", exc)
+        await self._client.close()
+        self._set_state(BusState.CLOSED)
+
+    def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _set_state(self, state: BusState) -> None:
+        if state is self._state:
+            return
+        self._state = state
+        for listener in list(self._listeners):
+            try:
+                listener(state)
+            except Exception:
+                logger.exception("bus state listener failed on %s", state.value)
+
+    async def _on_error(self, error: Any) -> None:
+        logger.warning("NATS client error: %s", error or type(error).__name__)
+
+    async def _on_disconnected(self) -> None:
+        if self._state is BusState.CONNECTED:
+            logger.warning("disconnected from NATS at %s, reconnecting", self.url)
+        self._set_state(BusState.DISCONNECTED)
+
+    async def _on_reconnected(self) -> None:
+        logger.info("reconnected to NATS at %s", self.url)
+        self._set_state(BusState.CONNECTED)
+
+    async def _on_closed(self) -> None:
+        self._set_state(BusState.CLOSED)

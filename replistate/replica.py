@@ -1,0 +1,289 @@
+"""The replica: one process's view of every operation, wired to bus and store."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+import attrs
+
+from replistate import codec
+from replistate.bus.base import BusState, Channel, MessageBus, Subscription
+from replistate.codec import (
+    CancelMessage,
+    InvalidationMessage,
+    OpCacheEndMessage,
+    OpCacheStartMessage,
+    ProgressMessage,
+)
+from replistate.errors import DecodeError, NotStartedError
+from replistate.opcache import OpCache, OpCacheEntry
+from replistate.service import InvalidationHook, OperationsService
+from replistate.store.base import ACTIVE_WINDOW, GalleryStore
+from replistate.subjects import DEFAULT_CACHE_PREFIX, DEFAULT_PREFIX, Subjects
+
+__all__ = ["Replica", "ReplicaConfig"]
+
+logger = logging.getLogger(__name__)
+
+
+def _new_replica_id() -> str:
+    return f"replica-{uuid.uuid4().hex[:12]}"
+
+
+def _non_empty(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not value:
+        raise ValueError(f"{attribute.name} must not be empty")
+
+
+@attrs.frozen(kw_only=True)
+class ReplicaConfig:
+    """Settings of one replica.
+
+    Attributes:
+        replica_id: unique for the life of the process; a random one by default.
+        subject_prefix: prefix of the operation subjects.
+        cache_prefix: prefix of the invalidation subjects.
+        active_window: how recently a non-terminal operation must have been
+            updated to be hydrated; older ones are taken as abandoned.
+        max_payload: largest payload sent or accepted, in bytes; the bus's own
+            limit when None.
+        create_schema: whether `start` creates the store's table if missing.
+    """
+
+    replica_id: str = attrs.field(factory=_new_replica_id, validator=_non_empty)
+    subject_prefix: str = DEFAULT_PREFIX
+    cache_prefix: str = DEFAULT_CACHE_PREFIX
+    active_window: timedelta = ACTIVE_WINDOW
+    max_payload: int | None = None
+    create_schema: bool = True
+
+
+def _opcache_decoder(
+    subjects: Subjects,
+) -> Callable[[str, bytes, int], OpCacheStartMessage | OpCacheEndMessage]:
+    def decode(
+        subject: str, data: bytes, limit: int
+    ) -> OpCacheStartMessage | OpCacheEndMessage:
+        if subject == subjects.opcache_start:
+            return codec.decode(
+                data, OpCacheStartMessage, max_size=limit, subject=subject
+            )
+        if subject == subjects.opcache_end:
+            return codec.decode(
+                data, OpCacheEndMessage, max_size=limit, subject=subject
+            )
+        raise DecodeError(f"unknown OpCache subject {subject!r}", subject=subject)
+
+    return decode
+
+
+class Replica:
+    """The mirror of every operation in one process, kept in sync with its peers.
+
+    With neither bus nor store, the replica runs standalone: the same API serves a
+    single process.
+
+    Args:
+        config: the settings; defaults apply when omitted.
+        bus: the message bus shared with the peers.
+        store: the durable store shared with the peers.
+    """
+
+    def __init__(
+        self,
+        config: ReplicaConfig | None = None,
+        *,
+        bus: MessageBus | None = None,
+        store: GalleryStore | None = None,
+    ) -> None:
+        self.config = config or ReplicaConfig()
+        self.bus = bus
+        self.store = store
+        self.subjects = Subjects(self.config.subject_prefix, self.config.cache_prefix)
+        self.channel = (
+            Channel(bus, max_payload=self.config.max_payload) if bus else None
+        )
+        self.opcache = OpCache(
+            replica_id=self.config.replica_id,
+            subjects=self.subjects,
+            channel=self.channel,
+            store=store,
+        )
+        self.operations = OperationsService(
+            replica_id=self.config.replica_id,
+            subjects=self.subjects,
+            opcache=self.opcache,
+            channel=self.channel,
+            store=store,
+        )
+        self._subscriptions: list[Subscription] = []
+        self._remove_listener: Callable[[], None] | None = None
+        self._hydrated = False
+        self._started = False
+
+    @property
+    def replica_id(self) -> str:
+        """This replica's id."""
+        return self.config.replica_id
+
+    @property
+    def ready(self) -> bool:
+        """Whether the first hydrate is done and the bus is connected."""
+        if not (self._started and self._hydrated):
+            return False
+        return self.bus is None or self.bus.connected
+
+    async def start(self) -> None:
+        """Connect, subscribe, then hydrate from the store.
+
+        Subscribing first means a change published while the store is read is
+        received; the version rules keep the newer of the two.
+
+        Raises:
+            BusError: the bus cannot be reached.
+            StoreError: the store cannot be reached.
+        """
+        if self._started:
+            return
+        began = time.perf_counter()
+        if self.store is not None:
+            await self.store.open()
+            if self.config.create_schema:
+                await self.store.ensure_schema()
+        if self.bus is not None and self.channel is not None:
+            await self.bus.connect()
+            self._remove_listener = self.bus.add_state_listener(self._on_bus_state)
+            await self._subscribe(self.channel)
+        self._started = True
+        count = await self.hydrate()
+        logger.info(
+            "replica %r started: hydrated %d operations in %.1f ms",
+            self.replica_id,
+            count,
+            (time.perf_counter() - began) * 1000,
+        )
+
+    async def stop(self) -> None:
+        """Stop owned work, unsubscribe, drain and close bus and store.
+
+        Operations this replica runs are marked failed, so no peer shows them
+        running forever.
+        """
+        if not self._started:
+            return
+        self._started = False
+        await self.operations.stop_operations(
+            f"owner replica {self.replica_id} stopped before the operation finished"
+        )
+        for subscription in self._subscriptions:
+            await subscription.unsubscribe()
+        self._subscriptions.clear()
+        if self._remove_listener is not None:
+            self._remove_listener()
+            self._remove_listener = None
+        if self.bus is not None:
+            await self.bus.close()
+        if self.store is not None:
+            await self.store.close()
+        logger.info("replica %r stopped", self.replica_id)
+
+    async def hydrate(self) -> int:
+        """Load the active operations from the store into memory.
+
+        Returns the number of operations read. A row never replaces a newer
+        status already received from the bus.
+        """
+        if self.store is None:
+            self._hydrated = True
+            return 0
+        records = await self.store.list_active(self.config.active_window)
+        for record in records:
+            self.operations.restore(record.id, record.to_status(), record.version)
+            if record.cache_key:
+                self.opcache.restore(
+                    OpCacheEntry(record.cache_key, record.id, record.is_backend_op)
+                )
+        self._hydrated = True
+        return len(records)
+
+    def on_models_invalidated(self, hook: InvalidationHook) -> Callable[[], None]:
+        """Call `hook` on every models invalidation; return a function removing it."""
+        return self.operations.on_models_invalidated(hook)
+
+    def on_backends_invalidated(self, hook: InvalidationHook) -> Callable[[], None]:
+        """Call `hook` on every backends invalidation; return a function removing
+        it."""
+        return self.operations.on_backends_invalidated(hook)
+
+    def require_started(self) -> None:
+        """Raise `NotStartedError` unless `start` has finished."""
+        if not self._started:
+            raise NotStartedError(
+                f"replica {self.replica_id!r} is not started; await start() first"
+            )
+
+    async def __aenter__(self) -> Replica:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def _subscribe(self, channel: Channel) -> None:
+        subjects = self.subjects
+        pairs: list[tuple[str, Callable[[str, bytes, int], Any], Any]] = [
+            (
+                subjects.all_progress,
+                Channel.decoder(ProgressMessage),
+                self.operations.handle_progress,
+            ),
+            (
+                subjects.all_cancel,
+                Channel.decoder(CancelMessage),
+                self.operations.handle_cancel,
+            ),
+            (subjects.all_opcache, _opcache_decoder(subjects), self._handle_opcache),
+            (
+                subjects.invalidate_models,
+                Channel.decoder(InvalidationMessage),
+                self.operations.handle_invalidation,
+            ),
+            (
+                subjects.invalidate_backends,
+                Channel.decoder(InvalidationMessage),
+                self.operations.handle_invalidation,
+            ),
+        ]
+        for pattern, decoder, handler in pairs:
+            self._subscriptions.append(
+                await channel.subscribe(pattern, decoder, handler)
+            )
+        if self.bus is not None:
+            await self.bus.flush()
+
+    async def _handle_opcache(
+        self, subject: str, message: OpCacheStartMessage | OpCacheEndMessage
+    ) -> None:
+        if isinstance(message, OpCacheStartMessage):
+            await self.opcache.handle_start(subject, message)
+        else:
+            await self.opcache.handle_end(subject, message)
+
+    def _on_bus_state(self, state: BusState) -> None:
+        # TODO: resync the mirror with the store after a reconnect; until then a
+        # replica misses what was published while it was disconnected.
+        if state is BusState.DISCONNECTED:
+            logger.warning("replica %r lost the bus: not ready", self.replica_id)
+        elif state is BusState.CONNECTED and self._started:
+            logger.info("replica %r has the bus again", self.replica_id)

@@ -1,0 +1,72 @@
+"""The durable store interface.
+
+A `GalleryStore` keeps one `OperationRecord` per job. Writes of a status are
+conditional: a write applies only when its version is higher than the stored one and
+the stored row is not terminal, so a late or repeated write never moves an operation
+backwards or out of a terminal state.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Protocol
+
+from replistate.models import OperationRecord, OpStatus
+
+__all__ = ["ACTIVE_WINDOW", "GalleryStore"]
+
+ACTIVE_WINDOW = timedelta(hours=1)
+"""Default window of `list_active`: an operation not updated for longer is stale."""
+
+
+class GalleryStore(Protocol):
+    """Durable record of operations, shared by every replica."""
+
+    async def open(self) -> None:
+        """Connect to the store.
+
+        Raises:
+            StoreError: the store cannot be reached.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release the connections. Idempotent."""
+        ...
+
+    async def ensure_schema(self) -> None:
+        """Create the table and its indexes if missing. Safe to run concurrently."""
+        ...
+
+    async def upsert_placeholder(self, record: OperationRecord) -> None:
+        """Insert the row of a newly admitted job, or refresh its descriptive fields.
+
+        On an existing row, a non-empty `cache_key` and a true `is_backend_op` are
+        never overwritten, and neither are status, progress or version.
+        """
+        ...
+
+    async def save_status(
+        self, job_id: str, status: OpStatus, *, version: int, frontend_id: str = ""
+    ) -> bool:
+        """Store `status` as version `version` of the job.
+
+        Inserts the row when missing. Returns whether the write applied: it does
+        not when the stored version is equal or higher, or the stored row is
+        terminal.
+        """
+        ...
+
+    async def get(self, job_id: str) -> OperationRecord | None:
+        """Return the row of `job_id`, or None."""
+        ...
+
+    async def list_active(
+        self, window: timedelta = ACTIVE_WINDOW
+    ) -> list[OperationRecord]:
+        """Return the non-terminal rows updated within `window` of now."""
+        ...
+
+    async def cleanup(self, older_than: timedelta) -> int:
+        """Delete terminal rows not updated for `older_than`; return how many."""
+        ...

@@ -1,0 +1,309 @@
+"""The `GalleryStore` on PostgreSQL, through psycopg 3 and a connection pool.
+
+The table is LocalAI's `gallery_operations` with replistate's columns added
+(`version`, `lease_expires_at`, `cancel_requested`); `ensure_schema` adds them to an
+existing LocalAI table too. Every statement is parameterized, and the table name is
+quoted as an identifier.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from replistate.errors import StoreError
+from replistate.models import (
+    TERMINAL_STATES,
+    OperationRecord,
+    OpState,
+    OpStatus,
+    OpType,
+)
+from replistate.store.base import ACTIVE_WINDOW
+
+__all__ = ["DEFAULT_TABLE", "PostgresGalleryStore"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TABLE = "gallery_operations"
+
+_TERMINAL = [state.value for state in TERMINAL_STATES]
+
+_CREATE = """
+CREATE TABLE IF NOT EXISTS {table} (
+    id text PRIMARY KEY,
+    gallery_element_name text NOT NULL DEFAULT '',
+    cache_key text NOT NULL DEFAULT '',
+    is_backend_op boolean NOT NULL DEFAULT false,
+    op_type text NOT NULL DEFAULT 'install',
+    status text NOT NULL DEFAULT 'pending',
+    progress double precision NOT NULL DEFAULT 0,
+    message text NOT NULL DEFAULT '',
+    error text,
+    file_name text NOT NULL DEFAULT '',
+    total_file_size text NOT NULL DEFAULT '',
+    downloaded_file_size text NOT NULL DEFAULT '',
+    frontend_id text NOT NULL DEFAULT '',
+    cancellable boolean NOT NULL DEFAULT false,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE {table}
+    ADD COLUMN IF NOT EXISTS version bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS lease_expires_at timestamptz,
+    ADD COLUMN IF NOT EXISTS cancel_requested boolean NOT NULL DEFAULT false;
+CREATE INDEX IF NOT EXISTS {active_index} ON {table} (updated_at)
+    WHERE status NOT IN ('completed', 'failed', 'cancelled');
+"""
+
+_UPSERT_PLACEHOLDER = """
+INSERT INTO {table} AS held (
+    id, gallery_element_name, cache_key, is_backend_op, op_type, status,
+    frontend_id, cancellable
+) VALUES (
+    %(id)s, %(gallery_element_name)s, %(cache_key)s, %(is_backend_op)s,
+    %(op_type)s, %(status)s, %(frontend_id)s, %(cancellable)s
+)
+ON CONFLICT (id) DO UPDATE SET
+    gallery_element_name = COALESCE(
+        NULLIF(EXCLUDED.gallery_element_name, ''), held.gallery_element_name),
+    cache_key = COALESCE(NULLIF(held.cache_key, ''), EXCLUDED.cache_key),
+    is_backend_op = held.is_backend_op OR EXCLUDED.is_backend_op,
+    op_type = EXCLUDED.op_type,
+    frontend_id = COALESCE(NULLIF(EXCLUDED.frontend_id, ''), held.frontend_id),
+    updated_at = now()
+"""
+
+_SAVE_STATUS = """
+INSERT INTO {table} AS held (
+    id, gallery_element_name, op_type, status, progress, message, error,
+    file_name, total_file_size, downloaded_file_size, frontend_id, cancellable,
+    version
+) VALUES (
+    %(id)s, %(gallery_element_name)s, %(op_type)s, %(status)s, %(progress)s,
+    %(message)s, %(error)s, %(file_name)s, %(total_file_size)s,
+    %(downloaded_file_size)s, %(frontend_id)s, %(cancellable)s, %(version)s
+)
+ON CONFLICT (id) DO UPDATE SET
+    gallery_element_name = COALESCE(
+        NULLIF(EXCLUDED.gallery_element_name, ''), held.gallery_element_name),
+    status = EXCLUDED.status,
+    progress = EXCLUDED.progress,
+    message = EXCLUDED.message,
+    error = EXCLUDED.error,
+    file_name = EXCLUDED.file_name,
+    total_file_size = EXCLUDED.total_file_size,
+    downloaded_file_size = EXCLUDED.downloaded_file_size,
+    frontend_id = COALESCE(NULLIF(EXCLUDED.frontend_id, ''), held.frontend_id),
+    cancellable = EXCLUDED.cancellable,
+    version = EXCLUDED.version,
+    updated_at = now()
+WHERE held.version < EXCLUDED.version
+    AND held.status <> ALL(%(terminal)s)
+"""
+
+_COLUMNS = """
+    id, gallery_element_name, cache_key, is_backend_op, op_type, status, progress,
+    message, error, file_name, total_file_size, downloaded_file_size, frontend_id,
+    cancellable, created_at, updated_at, version, lease_expires_at,
+    cancel_requested
+"""
+
+_GET = "SELECT" + _COLUMNS + "FROM {table} WHERE id = %(id)s"
+
+_LIST_ACTIVE = (
+    "SELECT"
+    + _COLUMNS
+    + """FROM {table}
+WHERE status <> ALL(%(terminal)s) AND updated_at >= now() - %(window)s
+ORDER BY created_at, id"""
+)
+
+_CLEANUP = """
+DELETE FROM {table}
+WHERE status = ANY(%(terminal)s) AND updated_at < now() - %(older_than)s
+"""
+
+
+def _record(row: dict[str, Any]) -> OperationRecord:
+    try:
+        op_type = OpType(row["op_type"])
+    except ValueError:
+        op_type = OpType.INSTALL
+    return OperationRecord(
+        **{
+            **row,
+            "op_type": op_type,
+            "status": OpState(row["status"]),
+        }
+    )
+
+
+class PostgresGalleryStore:
+    """A `GalleryStore` in a PostgreSQL table.
+
+    Args:
+        conninfo: a libpq connection string or URL.
+        table: the table name, optionally schema-qualified as ``schema.table``.
+        min_size: connections the pool keeps open.
+        max_size: connections the pool opens at most.
+        timeout: seconds to wait for a connection before raising `StoreError`.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        table: str = DEFAULT_TABLE,
+        min_size: int = 1,
+        max_size: int = 4,
+        timeout: float = 10.0,
+    ) -> None:
+        self.conninfo = conninfo
+        self.table = table
+        self.timeout = timeout
+        self._table = sql.Identifier(*table.split("."))
+        self._index = sql.Identifier(f"{table.split('.')[-1]}_active_idx")
+        self._pool = psycopg_pool.AsyncConnectionPool(
+            conninfo,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            open=False,
+            kwargs={"autocommit": True},
+            name="replistate",
+        )
+        self._statements: dict[str, sql.Composed] = {}
+
+    async def open(self) -> None:
+        try:
+            await self._pool.open(wait=True, timeout=self.timeout)
+        except psycopg_pool.PoolTimeout as exc:
+            await self._pool.close()
+            raise StoreError(
+                f"cannot connect to PostgreSQL at {self._safe_target()} within "
+                f"{self.timeout:g} s; check that the server runs and the URL is "
+                f"right ({exc})"
+            ) from None
+        logger.info("connected to PostgreSQL at %s", self._safe_target())
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def ensure_schema(self) -> None:
+        statement = sql.SQL(_CREATE).format(table=self._table, active_index=self._index)
+        async with self._pool.connection() as conn, conn.transaction():
+            # Replicas starting together would race on CREATE TABLE otherwise.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(%s))",
+                (f"replistate schema {self.table}",),
+            )
+            await conn.execute(statement)
+
+    async def upsert_placeholder(self, record: OperationRecord) -> None:
+        await self._execute(
+            "upsert_placeholder",
+            _UPSERT_PLACEHOLDER,
+            {
+                "id": record.id,
+                "gallery_element_name": record.gallery_element_name,
+                "cache_key": record.cache_key,
+                "is_backend_op": record.is_backend_op,
+                "op_type": record.op_type.value,
+                "status": record.status.value,
+                "frontend_id": record.frontend_id,
+                "cancellable": record.cancellable,
+            },
+        )
+
+    async def save_status(
+        self, job_id: str, status: OpStatus, *, version: int, frontend_id: str = ""
+    ) -> bool:
+        record = OperationRecord.from_status(
+            job_id, status, version=version, frontend_id=frontend_id
+        )
+        rowcount = await self._execute(
+            "save_status",
+            _SAVE_STATUS,
+            {
+                "id": job_id,
+                "gallery_element_name": record.gallery_element_name,
+                "op_type": record.op_type.value,
+                "status": record.status.value,
+                "progress": record.progress,
+                "message": record.message,
+                "error": record.error,
+                "file_name": record.file_name,
+                "total_file_size": record.total_file_size,
+                "downloaded_file_size": record.downloaded_file_size,
+                "frontend_id": frontend_id,
+                "cancellable": record.cancellable,
+                "version": version,
+                "terminal": _TERMINAL,
+            },
+        )
+        return rowcount == 1
+
+    async def get(self, job_id: str) -> OperationRecord | None:
+        rows = await self._fetch("get", _GET, {"id": job_id})
+        return _record(rows[0]) if rows else None
+
+    async def list_active(
+        self, window: timedelta = ACTIVE_WINDOW
+    ) -> list[OperationRecord]:
+        rows = await self._fetch(
+            "list_active", _LIST_ACTIVE, {"terminal": _TERMINAL, "window": window}
+        )
+        return [_record(row) for row in rows]
+
+    async def cleanup(self, older_than: timedelta) -> int:
+        return await self._execute(
+            "cleanup", _CLEANUP, {"terminal": _TERMINAL, "older_than": older_than}
+        )
+
+    def _statement(self, name: str, template: str) -> sql.Composed:
+        statement = self._statements.get(name)
+        if statement is None:
+            statement = sql.SQL(template).format(table=self._table)
+            self._statements[name] = statement
+        return statement
+
+    async def _execute(self, name: str, template: str, params: dict[str, Any]) -> int:
+        try:
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(self._statement(name, template), params)
+                return int(cursor.rowcount)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise self._error(name, params, exc) from exc
+
+    async def _fetch(
+        self, name: str, template: str, params: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        try:
+            async with self._pool.connection() as conn:
+                cursor = conn.cursor(row_factory=dict_row)
+                await cursor.execute(self._statement(name, template), params)
+                return await cursor.fetchall()
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise self._error(name, params, exc) from exc
+
+    def _error(self, name: str, params: dict[str, Any], exc: Exception) -> StoreError:
+        job = params.get("id")
+        where = f" for job {job!r}" if job else ""
+        return StoreError(f"{name}{where} failed on table {self.table!r}: {exc}")
+
+    def _safe_target(self) -> str:
+        """Return host, port and database of the conninfo, never the password."""
+        try:
+            info = psycopg.conninfo.conninfo_to_dict(self.conninfo)
+        except psycopg.ProgrammingError:
+            return "the configured server"
+        host = info.get("host", "localhost")
+        port = info.get("port", 5432)
+        return f"{host}:{port}/{info.get('dbname', '')}"
