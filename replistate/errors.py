@@ -46,10 +46,10 @@ class InvalidIdError(ReplistateError, ValueError):
         reason: why it was rejected.
     """
 
-    def __init__(self, value: str, reason: str) -> None:
+    def __init__(self, value: str, reason: str, *, kind: str = "id") -> None:
         self.value = value
         self.reason = reason
-        super().__init__(f"invalid id {value!r}: {reason}")
+        super().__init__(f"invalid {kind} {value!r}: {reason}")
 
 
 class CodecError(ReplistateError, ValueError):

@@ -111,7 +111,9 @@ class OpStatus:
 
     `progress` is a percentage from 0 to 100. `error` accepts an exception or a
     string and keeps only its message text (see `error_text`). An operation is
-    terminal once it is processed (completed or failed) or cancelled.
+    terminal once it is processed (completed, or failed when it has an error) or
+    cancelled. An error on a status that is not processed is a recoverable one,
+    such as a download being retried.
     """
 
     deletion: bool = False
@@ -132,10 +134,8 @@ class OpStatus:
         """The table state this status maps to."""
         if self.cancelled:
             return OpState.CANCELLED
-        if self.error is not None:
-            return OpState.FAILED
         if self.processed:
-            return OpState.COMPLETED
+            return OpState.FAILED if self.error is not None else OpState.COMPLETED
         if self.progress >= 100 or any(
             node.status is NodeState.RUNNING_ON_WORKER for node in self.nodes
         ):

@@ -93,7 +93,7 @@ class OperationsService:
         self._cancel_functions: dict[str, CancelFunction] = {}
         self._model_hooks: list[InvalidationHook] = []
         self._backend_hooks: list[InvalidationHook] = []
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[str, tuple[asyncio.Task[None], OperationHandle]] = {}
         self._stop_reasons: dict[str, str] = {}
 
     # Statuses ---------------------------------------------------------------
@@ -401,7 +401,8 @@ class OperationsService:
         task = asyncio.create_task(
             self._run_operation(handle, work, is_backend), name=f"operation {job_id}"
         )
-        self._tasks[job_id] = task
+        handle._task = task
+        self._tasks[job_id] = (task, handle)
         if cancellable:
             self.register_cancel(job_id, handle._request_cancel)
         return job_id
@@ -409,11 +410,11 @@ class OperationsService:
     async def stop_operations(self, reason: str) -> None:
         """Stop every operation this replica runs, marking each failed with
         `reason`."""
-        tasks = list(self._tasks.items())
-        for job_id, task in tasks:
-            self._stop_reasons[job_id] = reason
-            task.cancel()
-        await asyncio.gather(*(task for _, task in tasks), return_exceptions=True)
+        tasks = list(self._tasks.values())
+        for task, handle in tasks:
+            self._stop_reasons[handle.job_id] = reason
+            handle._request_cancel()
+        await asyncio.gather(*(task for task, _ in tasks), return_exceptions=True)
 
     @property
     def owned_jobs(self) -> list[str]:
@@ -424,30 +425,50 @@ class OperationsService:
         self, handle: OperationHandle, work: Work, is_backend: bool
     ) -> None:
         job_id = handle.job_id
+        handle._started = True
+        failure: Exception | None = None
+        cancelled = False
         try:
+            if handle._cancel_requested:
+                # Cancelled while queued: the work never starts.
+                raise asyncio.CancelledError
             await work(handle)
         except asyncio.CancelledError:
-            reason = self._stop_reasons.pop(job_id, None)
-            base = self.get_status(job_id) or OpStatus()
-            if reason is None:
-                final = attrs.evolve(
-                    base, cancelled=True, cancellable=False, message="cancelled"
-                )
-            else:
-                final = attrs.evolve(
-                    base, processed=True, error=reason, cancellable=False
-                )
-            await self.update_status(job_id, final)
-            if reason is None:
-                await self.opcache.delete_job(job_id)
-            logger.info("job %r %s", job_id, "cancelled" if reason is None else reason)
+            cancelled = True
         except Exception as exc:
-            base = self.get_status(job_id) or OpStatus()
-            final = attrs.evolve(base, processed=True, error=exc, cancellable=False)
+            failure = exc
+        # From here on a cancel request has no effect, so the final status is
+        # always written whole.
+        handle._finished = True
+        self.unregister_cancel(job_id)
+        try:
+            await self._finish(handle, is_backend, cancelled, failure)
+        finally:
+            self._tasks.pop(job_id, None)
+
+    async def _finish(
+        self,
+        handle: OperationHandle,
+        is_backend: bool,
+        cancelled: bool,
+        failure: Exception | None,
+    ) -> None:
+        job_id = handle.job_id
+        base = self.get_status(job_id) or OpStatus()
+        reason = self._stop_reasons.pop(job_id, None)
+        if cancelled and reason is None:
+            final = attrs.evolve(
+                base, cancelled=True, cancellable=False, message="cancelled"
+            )
+            await self.update_status(job_id, final)
+            await self.opcache.delete_job(job_id)
+            logger.info("job %r cancelled", job_id)
+        elif cancelled or failure is not None:
+            error = reason if cancelled else failure
+            final = attrs.evolve(base, processed=True, error=error, cancellable=False)
             await self.update_status(job_id, final)
             logger.warning("job %r failed: %s", job_id, final.error)
         else:
-            base = self.get_status(job_id) or OpStatus()
             final = attrs.evolve(
                 base,
                 processed=True,
@@ -462,9 +483,6 @@ class OperationsService:
             await invalidate(handle.element_name or None, handle.op_type)
             await self.opcache.delete_job(job_id)
             logger.info("job %r completed", job_id)
-        finally:
-            self.unregister_cancel(job_id)
-            self._tasks.pop(job_id, None)
 
 
 class OperationHandle:
@@ -490,6 +508,10 @@ class OperationHandle:
         self.cache_key = cache_key
         self.element_name = element_name
         self.op_type = op_type
+        self._task: asyncio.Task[None] | None = None
+        self._started = False
+        self._finished = False
+        self._cancel_requested = False
 
     @property
     def status(self) -> OpStatus:
@@ -510,6 +532,8 @@ class OperationHandle:
         return await self._service.update_node(self.job_id, node)
 
     def _request_cancel(self) -> None:
-        task = self._service._tasks.get(self.job_id)
-        if task is not None:
-            task.cancel()
+        self._cancel_requested = True
+        # A task cancelled before its first step never runs its body, so the
+        # cancelled status would never be written: it checks the flag instead.
+        if self._started and not self._finished and self._task is not None:
+            self._task.cancel()

@@ -57,7 +57,10 @@ def validate_token(value: str, *, what: str = "id") -> str:
 
 def _validate_prefix(value: str, what: str) -> str:
     for token in value.split("."):
-        validate_token(token, what=what)
+        try:
+            validate_token(token, what="token")
+        except InvalidIdError as exc:
+            raise InvalidIdError(value, exc.reason, kind=what) from None
     return value
 
 

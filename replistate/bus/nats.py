@@ -81,6 +81,7 @@ class NatsBus:
         self._state = BusState.DISCONNECTED
         self._listeners: list[StateListener] = []
         self._subscriptions: list[_Subscription] = []
+        self._closing = False
 
     @property
     def connected(self) -> bool:
@@ -159,6 +160,7 @@ class NatsBus:
     async def close(self) -> None:
         if self._client.is_closed:
             return
+        self._closing = True
         if self._client.is_connected:
             try:
                 await self._client.drain()
@@ -185,6 +187,9 @@ class NatsBus:
         logger.warning("NATS client error: %s", error or type(error).__name__)
 
     async def _on_disconnected(self) -> None:
+        if self._closing:
+            # The client reports a disconnect on every close, too.
+            return
         if self._state is BusState.CONNECTED:
             logger.warning("disconnected from NATS at %s, reconnecting", self.url)
         self._set_state(BusState.DISCONNECTED)

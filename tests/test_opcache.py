@@ -1,0 +1,114 @@
+"""OpCache across replicas on the in-memory bus and store."""
+
+from __future__ import annotations
+
+import pytest
+
+from replistate import InvalidIdError, OpCacheEntry, OpStatus
+
+from .conftest import Cluster
+
+
+async def test_set_maps_key_on_peer(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+
+    await a.opcache.set("gallery@model-a", "job-1")
+    await cluster.settle()
+
+    assert b.opcache.get("gallery@model-a") == "job-1"
+    assert b.opcache.is_backend("gallery@model-a") is False
+    assert b.opcache.get_by_job("job-1") == OpCacheEntry("gallery@model-a", "job-1")
+
+
+async def test_set_backend_flags_peer(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+
+    await a.opcache.set_backend("backend@llama", "job-1")
+    await cluster.settle()
+
+    assert b.opcache.get("backend@llama") == "job-1"
+    assert b.opcache.is_backend("backend@llama") is True
+
+
+async def test_delete_job_removes_key_everywhere(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    await a.opcache.set("gallery@model-a", "job-1")
+    await cluster.settle()
+
+    held = await a.opcache.delete_job("job-1")
+    await cluster.settle()
+
+    assert held is True
+    assert "gallery@model-a" not in a.opcache
+    assert "gallery@model-a" not in b.opcache
+    assert b.opcache.get_by_job("job-1") is None
+
+
+async def test_own_echo_leaves_one_entry(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+
+    await a.opcache.set("gallery@model-a", "job-1")
+    await cluster.settle()
+
+    assert a.opcache.entries() == [OpCacheEntry("gallery@model-a", "job-1")]
+    assert len(a.opcache) == 1
+
+
+async def test_new_job_on_same_key_replaces(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+
+    await a.opcache.set("gallery@model-a", "job-1")
+    await a.opcache.set("gallery@model-a", "job-2")
+    await cluster.settle()
+
+    for replica in (a, b):
+        assert replica.opcache.entries() == [OpCacheEntry("gallery@model-a", "job-2")]
+        assert replica.opcache.get_by_job("job-1") is None
+
+
+async def test_set_writes_placeholder(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+
+    await a.opcache.set_backend("backend@llama", "job-1", element_name="llama")
+
+    row = cluster.store.rows["job-1"]
+    assert row.cache_key == "backend@llama"
+    assert row.is_backend_op is True
+    assert row.gallery_element_name == "llama"
+    assert row.frontend_id == "a"
+
+
+async def test_hydrates_active_entries_only(cluster: Cluster) -> None:
+    """A new replica restores entries of active rows, backend flag included,
+    and none of completed ones."""
+    a = await cluster.add("a")
+    await a.opcache.set("gallery@model-a", "job-active")
+    await a.opcache.set_backend("backend@llama", "job-backend")
+    await a.opcache.set("gallery@model-done", "job-done")
+    await a.operations.update_status("job-done", OpStatus(processed=True))
+    await cluster.settle()
+
+    c = await cluster.add("c")
+
+    assert sorted(entry.job_id for entry in c.opcache.entries()) == [
+        "job-active",
+        "job-backend",
+    ]
+    assert c.opcache.is_backend("backend@llama") is True
+    assert c.opcache.is_backend("gallery@model-a") is False
+    assert c.opcache.get("gallery@model-done") is None
+
+
+@pytest.mark.parametrize("job_id", ["a.b", "*", ">", "with space", ""])
+async def test_set_rejects_subject_breaking_id(cluster: Cluster, job_id: str) -> None:
+    a = await cluster.add("a")
+
+    with pytest.raises(InvalidIdError) as raised:
+        await a.opcache.set("gallery@model-a", job_id)
+
+    assert raised.value.value == job_id
+    assert len(a.opcache) == 0

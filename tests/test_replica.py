@@ -1,0 +1,135 @@
+"""Replica lifecycle: start order, readiness, stop, configuration."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from replistate import (
+    BusState,
+    InMemoryBroker,
+    InMemoryStore,
+    NotStartedError,
+    OperationRecord,
+    OpStatus,
+    Replica,
+    ReplicaConfig,
+)
+
+from .conftest import Cluster
+
+
+class ChangingStore(InMemoryStore):
+    """A store in which a peer writes a newer status right after each read of
+    the active rows, as happens when a replica starts mid-operation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writer: Replica | None = None
+
+    async def list_active(
+        self, window: timedelta = timedelta(hours=1)
+    ) -> list[OperationRecord]:
+        rows = await super().list_active(window)
+        if self.writer is not None:
+            await self.writer.operations.update_status(
+                "job-1", OpStatus(processed=True, message="finished during start")
+            )
+        return rows
+
+
+async def test_start_subscribes_before_hydrate() -> None:
+    broker, store = InMemoryBroker(), ChangingStore()
+    a = Replica(ReplicaConfig(replica_id="a"), bus=broker.connect(), store=store)
+    await a.start()
+    await a.operations.update_status("job-1", OpStatus(progress=40))
+    b = Replica(ReplicaConfig(replica_id="b"), bus=broker.connect(), store=store)
+    store.writer = a
+
+    await b.start()
+    assert b.bus is not None
+    await b.bus.drain()  # type: ignore[attr-defined]
+
+    held = b.operations.get_status("job-1")
+    assert held is not None
+    assert held.processed is True
+    assert held.message == "finished during start"
+    await a.stop()
+    await b.stop()
+
+
+async def test_ready_follows_hydrate_and_bus(cluster: Cluster) -> None:
+    replica = await cluster.add("a", start=False)
+    assert replica.ready is False
+
+    await replica.start()
+    assert replica.ready is True
+
+    assert replica.bus is not None
+    replica.bus._set_state(BusState.DISCONNECTED)  # type: ignore[attr-defined]
+    assert replica.ready is False
+
+    replica.bus._set_state(BusState.CONNECTED)  # type: ignore[attr-defined]
+    assert replica.ready is True
+
+    await replica.stop()
+    assert replica.ready is False
+
+
+async def test_start_and_stop_are_idempotent(cluster: Cluster) -> None:
+    replica = await cluster.add("a")
+
+    await replica.start()
+    await replica.stop()
+    await replica.stop()
+
+    assert replica.ready is False
+    assert replica.bus is not None
+    assert replica.bus.connected is False
+
+
+async def test_require_started_raises() -> None:
+    replica = Replica(ReplicaConfig(replica_id="idle"))
+
+    with pytest.raises(NotStartedError, match="'idle' is not started"):
+        replica.require_started()
+
+
+async def test_hydrate_skips_rows_outside_window() -> None:
+    store = InMemoryStore()
+    await store.save_status("recent", OpStatus(progress=10), version=1)
+    await store.save_status("stale", OpStatus(progress=10), version=1)
+    stale = store.rows["stale"]
+    assert stale.updated_at is not None
+    store.rows["stale"] = OperationRecord(
+        id="stale", updated_at=stale.updated_at - timedelta(hours=3)
+    )
+    replica = Replica(ReplicaConfig(active_window=timedelta(hours=2)), store=store)
+
+    await replica.start()
+
+    assert set(replica.operations.statuses()) == {"recent"}
+    await replica.stop()
+
+
+def test_config_rejects_empty_replica_id() -> None:
+    with pytest.raises(ValueError, match="replica_id"):
+        ReplicaConfig(replica_id="")
+
+
+def test_config_rejects_bad_prefix() -> None:
+    with pytest.raises(
+        ValueError, match=r"invalid prefix 'gallery\.\*': token contains '\*'"
+    ):
+        Replica(ReplicaConfig(subject_prefix="gallery.*"))
+
+
+def test_replica_ids_are_unique_by_default() -> None:
+    assert ReplicaConfig().replica_id != ReplicaConfig().replica_id
+
+
+async def test_context_manager_starts_and_stops() -> None:
+    async with Replica() as replica:
+        assert replica.ready is True
+    assert replica.ready is False

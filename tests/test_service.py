@@ -1,0 +1,473 @@
+"""Statuses, cancel routing and invalidations across replicas, in memory."""
+
+from __future__ import annotations
+
+import asyncio
+
+import attrs
+import pytest
+
+from replistate import (
+    CancelOutcome,
+    InMemoryBus,
+    NodeProgress,
+    NodeState,
+    OperationHandle,
+    OpState,
+    OpStatus,
+    OpType,
+    Replica,
+)
+from replistate.codec import InvalidationMessage, ProgressMessage, encode
+
+from .conftest import Cluster
+
+NODE_A = NodeProgress(node_id="node-a", status=NodeState.DOWNLOADING, percentage=10)
+NODE_B = NodeProgress(node_id="node-b", status=NodeState.QUEUED)
+
+
+async def wait_until_cancelled() -> None:
+    await asyncio.Event().wait()
+
+
+async def test_progress_reaches_peer(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    status = OpStatus(
+        progress=42.5,
+        message="downloading",
+        file_name="m.gguf",
+        file_size="2.3 GB",
+        downloaded_size="1.0 GB",
+        gallery_element_name="model-a",
+        cancellable=True,
+    )
+
+    await a.operations.update_status("job-1", status)
+    await cluster.settle()
+
+    assert b.operations.get_status("job-1") == status
+    assert b.operations.version_of("job-1") == 1
+
+
+async def test_peer_tick_without_nodes_keeps_nodes(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    await a.operations.update_status("job-1", OpStatus(nodes=[NODE_A, NODE_B]))
+    await cluster.settle()
+
+    await a.operations.update_status("job-1", OpStatus(progress=50, message="tick"))
+    await cluster.settle()
+
+    held = b.operations.get_status("job-1")
+    assert held is not None
+    assert held.nodes == (NODE_A, NODE_B)
+    assert held.progress == 50
+    assert held.message == "tick"
+
+
+async def test_peer_tick_with_nodes_replaces(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    await a.operations.update_status("job-1", OpStatus(nodes=[NODE_A, NODE_B]))
+    replacement = NodeProgress(node_id="node-c", status=NodeState.SUCCESS)
+
+    await a.operations.update_status("job-1", OpStatus(nodes=[replacement]))
+    await cluster.settle()
+
+    held = b.operations.get_status("job-1")
+    assert held is not None
+    assert held.nodes == (replacement,)
+
+
+async def test_node_update_reaches_peer(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    await a.operations.update_node("job-1", NODE_A)
+    await a.operations.update_node("job-1", NODE_B)
+    running = NodeProgress(
+        node_id="node-a",
+        status=NodeState.RUNNING_ON_WORKER,
+        percentage=70,
+        file_name="m.gguf",
+        current="1.6 GB",
+        total="2.3 GB",
+    )
+
+    await a.operations.update_node("job-1", running)
+    await cluster.settle()
+
+    held = b.operations.get_status("job-1")
+    assert held is not None
+    assert held.nodes == (running, NODE_B)
+    assert held.progress == 70
+    assert held.file_name == "m.gguf"
+    assert held.downloaded_size == "1.6 GB"
+    assert held.file_size == "2.3 GB"
+    assert held.state is OpState.PROCESSING
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("checksum mismatch for m.gguf"),
+        OSError(28, "No space left on device"),
+        KeyError("model-a"),
+        TimeoutError(),
+    ],
+    ids=["value", "oserror", "keyerror", "empty"],
+)
+async def test_failure_reaches_peer_with_text(
+    cluster: Cluster, error: Exception
+) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+
+    async def fail(handle: OperationHandle) -> None:
+        await handle.update(progress=30.0)
+        raise error
+
+    job_id = await a.operations.start_operation("gallery@model-a", fail)
+    await asyncio.sleep(0)
+    await cluster.settle()
+
+    held = b.operations.get_status(job_id)
+    expected_text = str(error) or type(error).__name__
+    assert held is not None
+    assert held.error == expected_text
+    assert held.processed is True
+    assert held.state is OpState.FAILED
+    assert str(held.exception) == expected_text
+    assert cluster.store.rows[job_id].error == expected_text
+
+
+async def test_success_completes_everywhere(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+
+    async def work(handle: OperationHandle) -> None:
+        await handle.update(progress=50.0, message="half")
+
+    job_id = await a.operations.start_operation(
+        "gallery@model-a", work, element_name="model-a"
+    )
+    await asyncio.sleep(0)
+    await cluster.settle()
+
+    for replica in (a, b):
+        held = replica.operations.get_status(job_id)
+        assert held is not None
+        assert held.state is OpState.COMPLETED
+        assert held.progress == 100
+        assert replica.opcache.get("gallery@model-a") is None
+    assert cluster.store.rows[job_id].status is OpState.COMPLETED
+
+
+async def test_cancel_routes_to_owner(cluster: Cluster) -> None:
+    """A cancel requested on A runs the cancel function that only B holds."""
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    job_id = await b.operations.start_operation(
+        "gallery@model-a", lambda handle: wait_until_cancelled()
+    )
+    await cluster.settle()
+
+    outcome = await a.operations.cancel(job_id)
+    await cluster.settle()
+
+    assert outcome is CancelOutcome.ACCEPTED
+    for replica in (a, b):
+        held = replica.operations.get_status(job_id)
+        assert held is not None
+        assert held.cancelled is True
+        assert held.state is OpState.CANCELLED
+        assert replica.opcache.get("gallery@model-a") is None
+    assert cluster.store.rows[job_id].status is OpState.CANCELLED
+    assert b.operations.owned_jobs == []
+
+
+async def test_cancel_runs_registered_function(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    calls: list[str] = []
+    await b.operations.update_status("job-1", OpStatus(progress=5))
+    b.operations.register_cancel("job-1", lambda: calls.append("job-1"))
+    await cluster.settle()
+
+    await a.operations.cancel("job-1")
+    await cluster.settle()
+
+    assert calls == ["job-1"]
+
+
+async def test_cancel_answers_too_late_and_unknown(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    await a.operations.update_status("done", OpStatus(processed=True))
+
+    assert await a.operations.cancel("done") is CancelOutcome.TOO_LATE
+    assert await a.operations.cancel("never-seen") is CancelOutcome.UNKNOWN
+
+
+async def test_second_cancel_is_harmless(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    job_id = await b.operations.start_operation(
+        "gallery@model-a", lambda handle: wait_until_cancelled()
+    )
+    await cluster.settle()
+
+    first = await a.operations.cancel(job_id)
+    await cluster.settle()
+    second = await a.operations.cancel(job_id)
+    await cluster.settle()
+
+    assert first is CancelOutcome.ACCEPTED
+    assert second is CancelOutcome.TOO_LATE
+    assert b.operations.get_status(job_id) == a.operations.get_status(job_id)
+
+
+async def test_models_invalidation_reaches_hooks(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    seen_a: list[InvalidationMessage] = []
+    seen_b: list[InvalidationMessage] = []
+    a.on_models_invalidated(seen_a.append)
+    b.on_models_invalidated(seen_b.append)
+
+    await a.operations.invalidate_models("model-a", OpType.DELETE)
+    await cluster.settle()
+
+    assert [(m.element, m.op) for m in seen_b] == [("model-a", OpType.DELETE)]
+    assert [(m.element, m.op) for m in seen_a] == [("model-a", OpType.DELETE)]
+
+
+async def test_backends_invalidation_fires_in_time(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    fired = asyncio.Event()
+
+    async def reload_backends(message: InvalidationMessage) -> None:
+        fired.set()
+
+    b.on_backends_invalidated(reload_backends)
+
+    await a.operations.invalidate_backends()
+
+    async with asyncio.timeout(2):
+        await fired.wait()
+
+
+async def test_invalidation_without_hooks_succeeds(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+
+    await a.operations.invalidate_models("model-a", OpType.INSTALL)
+    await a.operations.invalidate_backends()
+    await cluster.settle()
+
+    assert a.channel is not None
+    assert b.channel is not None
+    assert a.channel.dropped == {}
+    assert b.channel.dropped == {}
+
+
+async def test_failing_hook_does_not_stop_others(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = await cluster.add("a")
+    seen: list[str | None] = []
+
+    def broken(message: InvalidationMessage) -> None:
+        raise RuntimeError("reload failed")
+
+    a.on_models_invalidated(broken)
+    a.on_models_invalidated(lambda message: seen.append(message.element))
+
+    await a.operations.invalidate_models("model-a")
+    await a.operations.invalidate_models("model-b")
+    await cluster.settle()
+
+    assert seen == ["model-a", "model-b"]
+    assert "reload failed" in caplog.text
+    assert "'model-a'" in caplog.text
+
+
+async def test_success_invalidates_models_everywhere(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    seen: list[tuple[str, str | None, OpType | None]] = []
+    a.on_models_invalidated(lambda m: seen.append(("a", m.element, m.op)))
+    b.on_models_invalidated(lambda m: seen.append(("b", m.element, m.op)))
+
+    async def work(handle: OperationHandle) -> None:
+        return None
+
+    await a.operations.start_operation("gallery@m", work, element_name="m")
+    await asyncio.sleep(0)
+    await cluster.settle()
+
+    assert sorted(seen) == [("a", "m", OpType.INSTALL), ("b", "m", OpType.INSTALL)]
+
+
+async def test_hydrates_active_statuses(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    retrying = OpStatus(
+        progress=35,
+        message="retrying download",
+        gallery_element_name="model-a",
+        error="connection reset by peer",
+    )
+    await a.operations.update_status("job-active", retrying)
+    await a.operations.update_status("job-done", OpStatus(processed=True))
+    await a.operations.update_status(
+        "job-failed", OpStatus(processed=True, error="gone")
+    )
+    await cluster.settle()
+
+    c = await cluster.add("c")
+
+    held = c.operations.get_status("job-active")
+    assert held is not None
+    assert held.progress == 35
+    assert held.message == "retrying download"
+    assert held.gallery_element_name == "model-a"
+    assert held.error == "connection reset by peer"
+    assert c.operations.get_status("job-done") is None
+    assert c.operations.get_status("job-failed") is None
+    assert set(c.operations.statuses()) == {"job-active"}
+
+
+async def test_own_echo_changes_nothing(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    await a.operations.update_status("job-1", OpStatus(progress=10))
+    await a.operations.update_status("job-1", OpStatus(progress=20))
+
+    await cluster.settle()
+
+    assert a.operations.get_status("job-1") == OpStatus(progress=20)
+    assert a.operations.version_of("job-1") == 2
+
+
+async def test_stale_version_is_ignored(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    await a.operations.update_status("job-1", OpStatus(progress=60))
+    await a.operations.update_status("job-1", OpStatus(progress=70))
+    await cluster.settle()
+    assert isinstance(a.bus, InMemoryBus)
+
+    stale = ProgressMessage(
+        job_id="job-1", status=OpStatus(progress=10), origin="a", version=1
+    )
+    replayed = attrs.evolve(stale, origin="x")
+    await a.bus.publish(a.subjects.progress("job-1"), encode(replayed))
+    await cluster.settle()
+
+    held = b.operations.get_status("job-1")
+    assert held is not None
+    assert held.progress == 70
+
+
+async def test_late_tick_never_reopens_terminal(cluster: Cluster) -> None:
+    """A tick without a version, as a LocalAI peer sends, cannot undo a
+    completion."""
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    await a.operations.update_status("job-1", OpStatus(processed=True))
+    await cluster.settle()
+    assert isinstance(a.bus, InMemoryBus)
+
+    late = ProgressMessage(job_id="job-1", status=OpStatus(progress=40))
+    await a.bus.publish(a.subjects.progress("job-1"), encode(late))
+    await cluster.settle()
+
+    held = b.operations.get_status("job-1")
+    assert held is not None
+    assert held.state is OpState.COMPLETED
+
+
+async def test_status_on_wrong_subject_dropped(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    assert isinstance(a.bus, InMemoryBus)
+
+    forged = ProgressMessage(job_id="job-2", status=OpStatus(progress=99))
+    await a.bus.publish(a.subjects.progress("job-1"), encode(forged))
+    await cluster.settle()
+
+    assert b.operations.get_status("job-2") is None
+    assert b.operations.get_status("job-1") is None
+
+
+async def test_read_through_finds_stored_job(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    await cluster.store.save_status("job-1", OpStatus(progress=15), version=3)
+
+    status = await a.operations.fetch_status("job-1")
+
+    assert status is not None
+    assert status.progress == 15
+    assert a.operations.version_of("job-1") == 3
+    assert await a.operations.fetch_status("missing") is None
+
+
+async def test_owner_ignores_ticks_after_terminal(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    await a.operations.update_status("job-1", OpStatus(cancelled=True))
+
+    applied = await a.operations.update_status("job-1", OpStatus(progress=80))
+
+    assert applied is False
+    held = a.operations.get_status("job-1")
+    assert held is not None
+    assert held.state is OpState.CANCELLED
+
+
+async def test_stop_marks_owned_work_failed(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    job_id = await a.operations.start_operation(
+        "gallery@model-a", lambda handle: wait_until_cancelled()
+    )
+    await cluster.settle()
+
+    await a.stop()
+    await cluster.settle()
+
+    held = b.operations.get_status(job_id)
+    assert held is not None
+    assert held.state is OpState.FAILED
+    assert held.error == "owner replica a stopped before the operation finished"
+    assert cluster.store.rows[job_id].status is OpState.FAILED
+
+
+async def test_standalone_mode_runs_locally() -> None:
+    replica = Replica()
+    await replica.start()
+    seen: list[str | None] = []
+    replica.on_models_invalidated(lambda message: seen.append(message.element))
+
+    async def work(handle: OperationHandle) -> None:
+        await handle.update(progress=50.0)
+
+    job_id = await replica.operations.start_operation(
+        "gallery@m", work, element_name="m"
+    )
+    await asyncio.sleep(0.01)
+    cancelled_job = await replica.operations.start_operation(
+        "gallery@n", lambda handle: wait_until_cancelled()
+    )
+    outcome = await replica.operations.cancel(cancelled_job)
+    await asyncio.sleep(0.01)
+
+    assert replica.ready is True
+    assert seen == ["m"]
+    status = replica.operations.get_status(job_id)
+    assert status is not None
+    assert status.state is OpState.COMPLETED
+    assert outcome is CancelOutcome.ACCEPTED
+    cancelled = replica.operations.get_status(cancelled_job)
+    assert cancelled is not None
+    assert cancelled.state is OpState.CANCELLED
+    await replica.stop()
+    assert replica.ready is False
