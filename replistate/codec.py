@@ -160,6 +160,22 @@ def _structure_error(value: Any, _: Any) -> str | None:
     raise TypeError(f"expected an error string, got {type(value).__name__}")
 
 
+def _nodes_hook(conv: OrjsonConverter) -> Callable[[Any, Any], Any]:
+    node_list = tuple[NodeProgress, ...]
+    structure_list = conv.get_structure_hook(node_list)
+
+    def structure(value: Any, _: Any) -> tuple[NodeProgress, ...]:
+        # A Go peer without `omitempty` writes an empty node list as null.
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list of nodes, got {type(value).__name__}")
+        nodes: tuple[NodeProgress, ...] = structure_list(value, node_list)
+        return nodes
+
+    return structure
+
+
 def _unstructure_datetime(value: datetime) -> str:
     if value.utcoffset() is None:
         raise EncodeError(
@@ -210,7 +226,10 @@ def make_converter() -> OrjsonConverter:
     conv.register_structure_hook(
         OpStatus,
         make_dict_structure_fn(
-            OpStatus, conv, error=override(struct_hook=_structure_error)
+            OpStatus,
+            conv,
+            error=override(struct_hook=_structure_error),
+            nodes=override(struct_hook=_nodes_hook(conv)),
         ),
     )
     for optional in (ProgressMessage, CancelMessage, OpCacheStartMessage):

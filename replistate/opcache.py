@@ -17,7 +17,7 @@ from replistate.codec import OpCacheEndMessage, OpCacheStartMessage
 from replistate.errors import BusError, EncodeError, StoreError
 from replistate.models import OperationRecord, OpType
 from replistate.store.base import GalleryStore
-from replistate.subjects import Subjects, validate_token
+from replistate.subjects import Subjects, validate_job_id
 
 __all__ = ["OpCache", "OpCacheEntry"]
 
@@ -145,7 +145,7 @@ class OpCache:
         element_name: str,
         op_type: OpType,
     ) -> None:
-        validate_token(job_id, what="job id")
+        validate_job_id(job_id)
         if not cache_key:
             raise ValueError(f"missing cache key for job {job_id!r}")
         self._put(OpCacheEntry(cache_key, job_id, is_backend))

@@ -29,7 +29,7 @@ from replistate.errors import BusError, EncodeError, StoreError
 from replistate.models import NodeProgress, OpStatus, OpType
 from replistate.opcache import OpCache
 from replistate.store.base import GalleryStore
-from replistate.subjects import Subjects, validate_token
+from replistate.subjects import Subjects, validate_job_id
 
 __all__ = [
     "CancelOutcome",
@@ -138,7 +138,7 @@ class OperationsService:
         status applied: it does not once the operation is terminal and `status`
         is not.
         """
-        validate_token(job_id, what="job id")
+        validate_job_id(job_id)
         held = self._held.get(job_id)
         version = (held.version or 0) + 1 if held else 1
         if not self._apply(job_id, status, version):
@@ -233,7 +233,7 @@ class OperationsService:
             ACCEPTED when the request was run or sent, TOO_LATE when the operation
             is already terminal, UNKNOWN when no replica or store knows the job.
         """
-        validate_token(job_id, what="job id")
+        validate_job_id(job_id)
         status = await self.fetch_status(job_id)
         local = job_id in self._cancel_functions
         if status is None and not local and self.opcache.get_by_job(job_id) is None:
@@ -380,7 +380,7 @@ class OperationsService:
         Returns:
             the job id.
         """
-        job_id = validate_token(job_id or str(uuid.uuid4()), what="job id")
+        job_id = validate_job_id(job_id or str(uuid.uuid4()))
         if is_backend:
             await self.opcache.set_backend(
                 cache_key, job_id, element_name=element_name, op_type=op_type
@@ -411,7 +411,7 @@ class OperationsService:
         """Stop every operation this replica runs, marking each failed with
         `reason`."""
         tasks = list(self._tasks.values())
-        for task, handle in tasks:
+        for _, handle in tasks:
             self._stop_reasons[handle.job_id] = reason
             handle._request_cancel()
         await asyncio.gather(*(task for task, _ in tasks), return_exceptions=True)

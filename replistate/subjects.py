@@ -19,8 +19,10 @@ from replistate.errors import InvalidIdError
 __all__ = [
     "DEFAULT_CACHE_PREFIX",
     "DEFAULT_PREFIX",
+    "RESERVED_JOB_IDS",
     "Subjects",
     "subject_matches",
+    "validate_job_id",
     "validate_token",
 ]
 
@@ -30,7 +32,7 @@ DEFAULT_PREFIX: Final = "gallery"
 DEFAULT_CACHE_PREFIX: Final = "cache.invalidate"
 """Prefix of the invalidation subjects."""
 
-_FORBIDDEN = re.compile(r"[.*>\s\x00-\x1f\x7f]")
+_FORBIDDEN = re.compile(r"[.*>\s\x00-\x1f\x7f-\x9f]")
 
 
 def validate_token(value: str, *, what: str = "id") -> str:
@@ -53,6 +55,25 @@ def validate_token(value: str, *, what: str = "id") -> str:
             "'>', whitespace or control characters",
         )
     return value
+
+
+RESERVED_JOB_IDS: Final = frozenset({"opcache"})
+"""Tokens that name other subjects under the prefix, so no job may use them."""
+
+
+def validate_job_id(job_id: str) -> str:
+    """Return `job_id` unchanged if it can name a job in a subject.
+
+    Raises:
+        InvalidIdError: `job_id` fails `validate_token`, or is a token reserved for
+            other subjects under the prefix, such as ``opcache``.
+    """
+    validate_token(job_id, what="job id")
+    if job_id in RESERVED_JOB_IDS:
+        raise InvalidIdError(
+            job_id, "job id is reserved for the OpCache subjects; use another id"
+        )
+    return job_id
 
 
 def _validate_prefix(value: str, what: str) -> str:
@@ -84,11 +105,11 @@ class Subjects:
 
     def progress(self, job_id: str) -> str:
         """Return the subject of status changes of `job_id`."""
-        return f"{self.prefix}.{validate_token(job_id, what='job id')}.progress"
+        return f"{self.prefix}.{validate_job_id(job_id)}.progress"
 
     def cancel(self, job_id: str) -> str:
         """Return the subject of cancel requests for `job_id`."""
-        return f"{self.prefix}.{validate_token(job_id, what='job id')}.cancel"
+        return f"{self.prefix}.{validate_job_id(job_id)}.cancel"
 
     @property
     def all_progress(self) -> str:

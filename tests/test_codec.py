@@ -544,3 +544,13 @@ def test_status_survives_round_trip(status: OpStatus, version: int | None) -> No
     decoded = codec.decode(codec.encode(message), ProgressMessage)
 
     assert decoded == message
+
+
+def test_null_nodes_decode_as_empty() -> None:
+    """A Go peer that writes a nil node list without omitempty sends null."""
+    data = b'{"job_id": "j", "status": {"progress": 5, "nodes": null}}'
+
+    message = codec.decode(data, ProgressMessage)
+
+    assert message.status.nodes == ()
+    assert message.status.progress == 5

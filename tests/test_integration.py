@@ -30,8 +30,8 @@ TIMEOUT = 10.0
 async def eventually(check: Callable[[], bool]) -> None:
     """Wait until `check` holds, failing the test after `TIMEOUT` seconds."""
     async with asyncio.timeout(TIMEOUT):
-        while not check():
-            await asyncio.sleep(0.01)  # noqa: ASYNC110 - polls state with no event
+        while not check():  # noqa: ASYNC110 - the state has no event to wait on
+            await asyncio.sleep(0.01)
 
 
 ReplicaFactory = Callable[[str], Awaitable[Replica]]

@@ -103,7 +103,7 @@ async def test_hydrates_active_entries_only(cluster: Cluster) -> None:
     assert c.opcache.get("gallery@model-done") is None
 
 
-@pytest.mark.parametrize("job_id", ["a.b", "*", ">", "with space", ""])
+@pytest.mark.parametrize("job_id", ["a.b", "*", ">", "with space", "", "opcache"])
 async def test_set_rejects_subject_breaking_id(cluster: Cluster, job_id: str) -> None:
     a = await cluster.add("a")
 

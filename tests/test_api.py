@@ -1,0 +1,166 @@
+"""The operations API bodies and the aiohttp routes serving them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from replistate import NodeProgress, NodeState, OperationHandle, OpStatus, Replica
+from replistate.integrations import aiohttp as replistate_aiohttp
+from replistate.integrations.api import operation_entry
+
+from .conftest import Cluster
+
+
+def test_entry_shape_of_running_install() -> None:
+    node = NodeProgress(node_id="n1", status=NodeState.DOWNLOADING, percentage=42.9)
+    status = OpStatus(
+        progress=42.9,
+        message="downloading",
+        gallery_element_name="model-a",
+        cancellable=True,
+        nodes=[node],
+    )
+
+    entry = operation_entry("gallery@model-a", "job-1", False, status)
+
+    assert entry == {
+        "id": "gallery@model-a",
+        "name": "model-a",
+        "jobID": "job-1",
+        "progress": 42,
+        "taskType": "installation",
+        "isDeletion": False,
+        "isBackend": False,
+        "isQueued": False,
+        "isCancelled": False,
+        "cancellable": True,
+        "message": "downloading",
+        "nodes": [
+            {
+                "node_id": "n1",
+                "node_name": "",
+                "status": "downloading",
+                "percentage": 42.9,
+            }
+        ],
+    }
+
+
+def test_entry_without_status_is_queued() -> None:
+    entry = operation_entry("backend@llama", "job-1", True, None)
+
+    assert entry is not None
+    assert entry["isQueued"] is True
+    assert entry["isBackend"] is True
+    assert entry["progress"] == 0
+    assert entry["name"] == "backend@llama"
+    assert "error" not in entry
+    assert "nodes" not in entry
+
+
+def test_entry_of_failure_shows_error() -> None:
+    status = OpStatus(processed=True, error="disk full", deletion=True)
+
+    entry = operation_entry("gallery@m", "job-1", False, status)
+
+    assert entry is not None
+    assert entry["error"] == "disk full"
+    assert entry["taskType"] == "deletion"
+    assert entry["isDeletion"] is True
+
+
+@pytest.mark.parametrize(
+    "status",
+    [OpStatus(processed=True), OpStatus(cancelled=True)],
+    ids=["completed", "cancelled"],
+)
+def test_entry_leaves_out_finished(status: OpStatus) -> None:
+    assert operation_entry("gallery@m", "job-1", False, status) is None
+
+
+@pytest.fixture
+async def clients(cluster: Cluster) -> AsyncIterator[tuple[TestClient, TestClient]]:
+    """Two aiohttp apps serving two replicas of one in-memory cluster."""
+    made: list[TestClient] = []
+    for replica_id in ("a", "b"):
+        replica = await cluster.add(replica_id, start=False)
+        app = web.Application()
+        replistate_aiohttp.setup(app, replica)
+        app.add_routes(replistate_aiohttp.routes(prefix="/api/"))
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        made.append(client)
+    yield made[0], made[1]
+    for client in made:
+        await client.close()
+
+
+async def wait_forever(handle: OperationHandle) -> None:
+    await handle.update(progress=25.0, message="downloading")
+    await asyncio.Event().wait()
+
+
+async def test_routes_list_and_cancel_across_apps(
+    clients: tuple[TestClient, TestClient], cluster: Cluster
+) -> None:
+    client_a, client_b = clients
+    owner: Replica = client_a.app[replistate_aiohttp.REPLICA_KEY]
+    job_id = await owner.operations.start_operation(
+        "gallery@model-a", wait_forever, element_name="model-a"
+    )
+    await asyncio.sleep(0)
+    await cluster.settle()
+
+    listing = await (await client_b.get("/api/operations")).json()
+    job = await client_b.get(f"/api/operations/{job_id}")
+    cancel = await client_b.post(f"/api/operations/{job_id}/cancel")
+    cancel_body = await cancel.json()
+    await cluster.settle()
+    after = await (await client_a.get("/api/operations")).json()
+    again = await client_b.post(f"/api/operations/{job_id}/cancel")
+
+    assert [entry["jobID"] for entry in listing["operations"]] == [job_id]
+    assert listing["operations"][0]["progress"] == 25
+    assert job.status == 200
+    assert (await job.json())["state"] == "downloading"
+    assert cancel.status == 202
+    assert cancel_body == {"jobID": job_id, "outcome": "accepted"}
+    assert after == {"operations": []}
+    assert again.status == 409
+
+
+async def test_routes_unknown_and_invalid_jobs(
+    clients: tuple[TestClient, TestClient],
+) -> None:
+    client_a, _ = clients
+
+    unknown = await client_a.get("/api/operations/no-such-job")
+    cancel_unknown = await client_a.post("/api/operations/no-such-job/cancel")
+    invalid = await client_a.post("/api/operations/a.b/cancel")
+
+    assert unknown.status == 404
+    assert cancel_unknown.status == 404
+    assert (await cancel_unknown.json())["outcome"] == "unknown"
+    assert invalid.status == 400
+    assert "invalid" in (await invalid.json())["error"]
+
+
+async def test_ready_route_reports_state(
+    clients: tuple[TestClient, TestClient],
+) -> None:
+    client_a, _ = clients
+    replica: Replica = client_a.app[replistate_aiohttp.REPLICA_KEY]
+
+    ready = await client_a.get("/api/ready")
+    assert ready.status == 200
+    assert await ready.json() == {"ready": True, "replica": "a"}
+
+    assert replica.bus is not None
+    await replica.bus.close()
+    not_ready = await client_a.get("/api/ready")
+    assert not_ready.status == 503
