@@ -37,6 +37,22 @@ NATS_ENV = "REPLISTATE_TEST_NATS_URL"
 POSTGRES_ENV = "REPLISTATE_TEST_POSTGRES_URL"
 
 
+REAL_SERVER_PARAMS = {"bus_factory": "nats", "store_case": "postgres"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that reaches a real server as `integration`."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec is not None else {}
+        real = bool(fixtures & {"nats_url", "postgres_url"}) or any(
+            params.get(name) == value for name, value in REAL_SERVER_PARAMS.items()
+        )
+        if real or item.get_closest_marker("demo") is not None:
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def nats_url() -> Iterator[str]:
     """URL of a real nats-server: the configured one, or a throwaway one."""
