@@ -87,6 +87,7 @@ class OpCacheStartMessage:
     cache_key: str
     is_backend: bool
     origin: str | None = None
+    version: int | None = None
     schema: int = SCHEMA_VERSION
 
 
@@ -98,6 +99,7 @@ class OpCacheEndMessage:
     cache_key: str = ""
     is_backend: bool = False
     origin: str | None = None
+    version: int | None = None
     schema: int = SCHEMA_VERSION
 
 
@@ -106,12 +108,13 @@ class InvalidationMessage:
     """Payload of `cache.invalidate.<kind>`: peers must reload a cache.
 
     Without `element` the whole set changed. An `op` of `delete` means peers must
-    drop the element.
+    drop the element. `version` is that of the operation that caused it, if any.
     """
 
     element: str | None = None
     op: OpType | None = None
     origin: str | None = None
+    version: int | None = None
     schema: int = SCHEMA_VERSION
 
 
@@ -257,6 +260,7 @@ def make_converter() -> OrjsonConverter:
             OpCacheEndMessage,
             conv,
             origin=omit_empty,
+            version=omit_empty,
             schema=override(omit_if_default=False),
         ),
     )

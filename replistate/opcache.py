@@ -65,9 +65,13 @@ class OpCache:
         *,
         element_name: str = "",
         op_type: OpType = OpType.INSTALL,
+        version: int | None = None,
     ) -> None:
-        """Map `cache_key` to `job_id` here, on every peer and in the store."""
-        await self._set(cache_key, job_id, False, element_name, op_type)
+        """Map `cache_key` to `job_id` here, on every peer and in the store.
+
+        `version` is the job's status version, sent along for ordering.
+        """
+        await self._set(cache_key, job_id, False, element_name, op_type, version)
 
     async def set_backend(
         self,
@@ -76,11 +80,12 @@ class OpCache:
         *,
         element_name: str = "",
         op_type: OpType = OpType.INSTALL,
+        version: int | None = None,
     ) -> None:
         """Map `cache_key` to `job_id` and flag it as a backend operation."""
-        await self._set(cache_key, job_id, True, element_name, op_type)
+        await self._set(cache_key, job_id, True, element_name, op_type, version)
 
-    async def delete_job(self, job_id: str) -> bool:
+    async def delete_job(self, job_id: str, *, version: int | None = None) -> bool:
         """Remove the entry of `job_id` here and on every peer.
 
         Returns whether this replica held an entry for the job. The end event is
@@ -92,6 +97,7 @@ class OpCache:
             cache_key=entry.cache_key if entry else "",
             is_backend=entry.is_backend if entry else False,
             origin=self.replica_id,
+            version=version,
         )
         await self._publish(self.subjects.opcache_end, message, job_id)
         return entry is not None
@@ -144,6 +150,7 @@ class OpCache:
         is_backend: bool,
         element_name: str,
         op_type: OpType,
+        version: int | None,
     ) -> None:
         validate_job_id(job_id)
         if not cache_key:
@@ -155,6 +162,7 @@ class OpCache:
             cache_key=cache_key,
             is_backend=is_backend,
             origin=self.replica_id,
+            version=version,
         )
         await self._publish(self.subjects.opcache_start, message, job_id)
         if self.store is not None:

@@ -293,21 +293,30 @@ class OperationsService:
         return lambda: self._backend_hooks.remove(hook)
 
     async def invalidate_models(
-        self, element: str | None = None, op: OpType | None = None
+        self,
+        element: str | None = None,
+        op: OpType | None = None,
+        *,
+        version: int | None = None,
     ) -> None:
         """Tell every replica, this one included, to reload its models.
 
         Args:
             element: the model that changed, or None when the whole set changed.
             op: what happened to it.
+            version: the status version of the operation that caused it.
         """
-        await self._invalidate(self.subjects.invalidate_models, element, op)
+        await self._invalidate(self.subjects.invalidate_models, element, op, version)
 
     async def invalidate_backends(
-        self, element: str | None = None, op: OpType | None = None
+        self,
+        element: str | None = None,
+        op: OpType | None = None,
+        *,
+        version: int | None = None,
     ) -> None:
         """Tell every replica, this one included, to reload its backends."""
-        await self._invalidate(self.subjects.invalidate_backends, element, op)
+        await self._invalidate(self.subjects.invalidate_backends, element, op, version)
 
     async def handle_invalidation(
         self, subject: str, message: InvalidationMessage
@@ -333,9 +342,15 @@ class OperationsService:
                 )
 
     async def _invalidate(
-        self, subject: str, element: str | None, op: OpType | None
+        self,
+        subject: str,
+        element: str | None,
+        op: OpType | None,
+        version: int | None,
     ) -> None:
-        message = InvalidationMessage(element=element, op=op, origin=self.replica_id)
+        message = InvalidationMessage(
+            element=element, op=op, origin=self.replica_id, version=version
+        )
         if self.channel is None:
             # Standalone: there is no echo, so run the hooks here.
             await self.handle_invalidation(subject, message)
@@ -367,7 +382,7 @@ class OperationsService:
     ) -> str:
         """Admit an operation and run `work` in a task owned by this replica.
 
-        The job is announced in the OpCache with a pending status. `work` receives
+        The job gets a pending status, then is announced in the OpCache. `work` receives
         an `OperationHandle` to report progress. When it returns, the operation is
         completed, the matching invalidation is published and the OpCache entry is
         removed. When it raises, the operation fails with the exception's text and
@@ -381,14 +396,6 @@ class OperationsService:
             the job id.
         """
         job_id = validate_job_id(job_id or str(uuid.uuid4()))
-        if is_backend:
-            await self.opcache.set_backend(
-                cache_key, job_id, element_name=element_name, op_type=op_type
-            )
-        else:
-            await self.opcache.set(
-                cache_key, job_id, element_name=element_name, op_type=op_type
-            )
         queued = OpStatus(
             deletion=op_type is OpType.DELETE,
             gallery_element_name=element_name,
@@ -396,6 +403,14 @@ class OperationsService:
             cancellable=cancellable,
         )
         await self.update_status(job_id, queued)
+        set_entry = self.opcache.set_backend if is_backend else self.opcache.set
+        await set_entry(
+            cache_key,
+            job_id,
+            element_name=element_name,
+            op_type=op_type,
+            version=self.version_of(job_id),
+        )
 
         handle = OperationHandle(self, job_id, cache_key, element_name, op_type)
         task = asyncio.create_task(
@@ -461,7 +476,7 @@ class OperationsService:
                 base, cancelled=True, cancellable=False, message="cancelled"
             )
             await self.update_status(job_id, final)
-            await self.opcache.delete_job(job_id)
+            await self.opcache.delete_job(job_id, version=self.version_of(job_id))
             logger.info("job %r cancelled", job_id)
         elif cancelled or failure is not None:
             error = reason if cancelled else failure
@@ -480,8 +495,11 @@ class OperationsService:
             invalidate = (
                 self.invalidate_backends if is_backend else self.invalidate_models
             )
-            await invalidate(handle.element_name or None, handle.op_type)
-            await self.opcache.delete_job(job_id)
+            version = self.version_of(job_id)
+            await invalidate(
+                handle.element_name or None, handle.op_type, version=version
+            )
+            await self.opcache.delete_job(job_id, version=version)
             logger.info("job %r completed", job_id)
 
 

@@ -354,3 +354,42 @@ async def test_channel_rejects_oversized_publish(
 
     assert raised.value.limit == 100
     assert raised.value.subject == f"{prefix}.j.progress"
+
+
+@pytest.mark.timeout(60)
+async def test_nats_bus_survives_server_restart() -> None:
+    """The client reconnects on its own and its subscriptions deliver again."""
+    from replistate import NatsBus
+    from replistate._servers import ThrowawayNats
+
+    with ThrowawayNats() as server:
+        bus = NatsBus(server.url, reconnect_wait=0.1)
+        await bus.connect()
+        states: list[BusState] = []
+        changed = asyncio.Event()
+
+        def on_state(state: BusState) -> None:
+            states.append(state)
+            changed.set()
+
+        bus.add_state_listener(on_state)
+        inbox = Inbox()
+        await bus.subscribe("restart.topic", inbox)
+        await bus.flush()
+
+        await asyncio.to_thread(server.stop)
+        async with asyncio.timeout(20):
+            while BusState.DISCONNECTED not in states:
+                changed.clear()
+                await changed.wait()
+        assert bus.connected is False
+        await asyncio.to_thread(server.start)
+        async with asyncio.timeout(20):
+            while states[-1] is not BusState.CONNECTED:
+                changed.clear()
+                await changed.wait()
+        await bus.publish("restart.topic", b"after restart")
+
+        assert await inbox.wait_for(1) == [("restart.topic", b"after restart")]
+        assert states == [BusState.DISCONNECTED, BusState.CONNECTED]
+        await bus.close()

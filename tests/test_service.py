@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import attrs
 import pytest
@@ -471,3 +472,56 @@ async def test_standalone_mode_runs_locally() -> None:
     assert cancelled.state is OpState.CANCELLED
     await replica.stop()
     assert replica.ready is False
+
+
+async def test_wire_payloads_carry_origin_and_version(cluster: Cluster) -> None:
+    """Every payload a replica publishes names it and carries the job's version."""
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    wire: list[tuple[str, dict[str, object]]] = []
+
+    async def record(subject: str, data: bytes) -> None:
+        wire.append((subject, json.loads(data)))
+
+    listener = cluster.broker.connect()
+    await listener.connect()
+    await listener.subscribe(">", record)
+
+    async def work(handle: OperationHandle) -> None:
+        await handle.update(progress=50.0)
+
+    done_job = await a.operations.start_operation("gallery@m", work, element_name="m")
+    await asyncio.sleep(0)
+    await cluster.settle()
+    held_job = await a.operations.start_operation(
+        "gallery@n", lambda handle: wait_until_cancelled()
+    )
+    await cluster.settle()
+    await b.operations.cancel(held_job)
+    await cluster.settle()
+    await listener.drain()
+
+    by_subject = [(subject.split(".", 1)[1], payload) for subject, payload in wire]
+    progress = [p for s, p in by_subject if s == f"{done_job}.progress"]
+    assert [p["version"] for p in progress] == [1, 2, 3]
+    assert {p["origin"] for p in progress} == {"a"}
+    assert all(p["schema"] == 1 for p in progress)
+    starts = [p for s, p in by_subject if s == "opcache.start"]
+    assert starts[0] == {
+        "job_id": done_job,
+        "cache_key": "gallery@m",
+        "is_backend": False,
+        "origin": "a",
+        "version": 1,
+        "schema": 1,
+    }
+    invalidations = [p for s, p in wire if s == "cache.invalidate.models"]
+    assert invalidations == [
+        {"element": "m", "op": "install", "origin": "a", "version": 3, "schema": 1}
+    ]
+    ends = [p for s, p in by_subject if s == "opcache.end"]
+    assert ends[0]["version"] == 3
+    assert ends[0]["job_id"] == done_job
+    cancels = [p for s, p in by_subject if s == f"{held_job}.cancel"]
+    assert cancels == [{"id": held_job, "origin": "b", "version": 1, "schema": 1}]
+    await listener.close()
