@@ -115,7 +115,7 @@ async def install(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
     model_id = request.match_info["model_id"]
     try:
-        validate_token(model_id, what="model id")
+        validate_token(model_id, label="model id")
     except InvalidIdError as exc:
         return web.json_response({"error": str(exc)}, status=400)
 

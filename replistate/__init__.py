@@ -1,7 +1,7 @@
 """replistate: the state of long-running operations, the same on every replica.
 
 Each replica of a web app keeps an in-memory mirror of every operation. PostgreSQL
-holds the durable record and a message bus (NATS by default) carries live changes.
+keeps the durable record and a message bus (NATS by default) carries live changes.
 """
 
 from replistate.bus.base import BusState, Channel, MessageBus, Subscription

@@ -289,7 +289,7 @@ def encode(message: object) -> bytes:
     """Encode a wire message or a model object as JSON bytes.
 
     Raises:
-        EncodeError: the object holds a value JSON cannot carry, such as a naive
+        EncodeError: the object contains a value JSON cannot carry, such as a naive
             datetime.
     """
     try:
@@ -318,7 +318,7 @@ def decode(
     Raises:
         PayloadTooLargeError: `data` is longer than `max_size`.
         DecodeError: `data` is not JSON, not an object, or has a missing or
-            wrongly typed field. The message says which.
+            wrongly typed field. The message names the field.
     """
     if max_size is not None and len(data) > max_size:
         raise PayloadTooLargeError(len(data), max_size, subject=subject)

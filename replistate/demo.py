@@ -45,7 +45,7 @@ BAR_WIDTH = 30
 
 @dataclass
 class DemoResult:
-    """What the demo checked, in the shape of its closing JSON line."""
+    """Results of the demo's checks, and the fields of its closing JSON line."""
 
     replicas: int = 0
     polls: int = 0

@@ -12,7 +12,7 @@ involved as attributes::
      |    +-- PayloadTooLargeError            a payload is over the size limit
      +-- BusError (ConnectionError)           the message bus failed or is closed
      +-- StoreError (OSError)                 the durable store failed
-     +-- JobNotFoundError (LookupError)       no replica or store knows the job
+     +-- JobNotFoundError (LookupError)       the job is in neither mirror nor store
      +-- OperationFailed (RuntimeError)       the error text of a failed operation
      +-- NotStartedError (RuntimeError)       a replica was used before start()
 """
@@ -99,7 +99,7 @@ class StoreError(ReplistateError, OSError):
 
 
 class JobNotFoundError(ReplistateError, LookupError):
-    """Neither the mirror nor the store knows a job.
+    """A job is in neither the mirror nor the store.
 
     Attributes:
         job_id: the job looked up.

@@ -51,7 +51,7 @@ Work = Callable[["OperationHandle"], Awaitable[Any]]
 
 
 class CancelOutcome(enum.Enum):
-    """Answer to a cancel request."""
+    """Outcome of a cancel request."""
 
     ACCEPTED = "accepted"
     TOO_LATE = "too_late"
@@ -59,7 +59,7 @@ class CancelOutcome(enum.Enum):
 
 
 @attrs.frozen
-class _Held:
+class _MirroredStatus:
     status: OpStatus
     version: int | None
 
@@ -89,7 +89,7 @@ class OperationsService:
         self.opcache = opcache
         self.channel = channel
         self.store = store
-        self._held: dict[str, _Held] = {}
+        self._held: dict[str, _MirroredStatus] = {}
         self._cancel_functions: dict[str, CancelFunction] = {}
         self._model_hooks: list[InvalidationHook] = []
         self._backend_hooks: list[InvalidationHook] = []
@@ -160,8 +160,8 @@ class OperationsService:
                     job_id, applied, version=version, frontend_id=self.replica_id
                 )
             except StoreError as exc:
-                # TODO: retry with backoff; a terminal status lost here stays lost
-                # in the store until the next write of the same job.
+                # TODO: retry with backoff. Until then a terminal status that fails
+                # here is missing from the store until the job is written again.
                 logger.warning("status of job %r not stored: %s", job_id, exc)
         return True
 
@@ -210,7 +210,7 @@ class OperationsService:
             if held.status.terminal and (not status.terminal or version is None):
                 return False
             status = held.status.merged_with(status)
-        self._held[job_id] = _Held(status, version)
+        self._held[job_id] = _MirroredStatus(status, version)
         return True
 
     # Cancel -----------------------------------------------------------------
@@ -226,12 +226,13 @@ class OperationsService:
     async def cancel(self, job_id: str) -> CancelOutcome:
         """Request the cancel of `job_id`, wherever its work runs.
 
-        The replica holding the cancel function runs it; any other replica
+        The replica holding the cancel function runs it, and any other replica
         publishes the request on the job's cancel subject.
 
         Returns:
             ACCEPTED when the request was run or sent, TOO_LATE when the operation
-            is already terminal, UNKNOWN when no replica or store knows the job.
+            is already terminal, UNKNOWN when neither the mirror nor the store
+            has the job.
         """
         validate_job_id(job_id)
         status = await self.fetch_status(job_id)
@@ -253,7 +254,7 @@ class OperationsService:
         return CancelOutcome.ACCEPTED
 
     async def handle_cancel(self, subject: str, message: CancelMessage) -> None:
-        """Run the cancel function of a job if this replica holds it."""
+        """Run the cancel function of a job if it is registered on this replica."""
         job_id = message.id
         if self.subjects.job_id_of(subject) != job_id:
             logger.warning(
@@ -504,7 +505,7 @@ class OperationsService:
 
 
 class OperationHandle:
-    """What the work of an operation uses to report progress.
+    """Progress reporter handed to the work of an operation.
 
     Attributes:
         job_id: the operation's job id.
@@ -546,7 +547,7 @@ class OperationHandle:
         )
 
     async def node(self, node: NodeProgress) -> OpStatus:
-        """Write one node's progress; see `OpStatus.with_node`."""
+        """Write one node's progress, merged by the rules of `OpStatus.with_node`."""
         return await self._service.update_node(self.job_id, node)
 
     def _request_cancel(self) -> None:

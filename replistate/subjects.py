@@ -35,7 +35,7 @@ DEFAULT_CACHE_PREFIX: Final = "cache.invalidate"
 _FORBIDDEN = re.compile(r"[.*>\s\x00-\x1f\x7f-\x9f]")
 
 
-def validate_token(value: str, *, what: str = "id") -> str:
+def validate_token(value: str, *, label: str = "id") -> str:
     """Return `value` unchanged if it is safe as one subject token.
 
     Raises:
@@ -43,14 +43,14 @@ def validate_token(value: str, *, what: str = "id") -> str:
             whitespace or a control character. The error names the value.
     """
     if not isinstance(value, str):
-        raise InvalidIdError(repr(value), f"{what} must be a string")
+        raise InvalidIdError(repr(value), f"{label} must be a string")
     if not value:
-        raise InvalidIdError(value, f"{what} must not be empty")
+        raise InvalidIdError(value, f"{label} must not be empty")
     found = _FORBIDDEN.search(value)
     if found is not None:
         raise InvalidIdError(
             value,
-            f"{what} contains {found.group()!r} at index {found.start()}, which "
+            f"{label} contains {found.group()!r} at index {found.start()}, which "
             "would change the meaning of a subject; use an id without '.', '*', "
             "'>', whitespace or control characters",
         )
@@ -68,7 +68,7 @@ def validate_job_id(job_id: str) -> str:
         InvalidIdError: `job_id` fails `validate_token`, or is a token reserved for
             other subjects under the prefix, such as ``opcache``.
     """
-    validate_token(job_id, what="job id")
+    validate_token(job_id, label="job id")
     if job_id in RESERVED_JOB_IDS:
         raise InvalidIdError(
             job_id, "job id is reserved for the OpCache subjects; use another id"
@@ -76,12 +76,12 @@ def validate_job_id(job_id: str) -> str:
     return job_id
 
 
-def _validate_prefix(value: str, what: str) -> str:
+def _validate_prefix(value: str, label: str) -> str:
     for token in value.split("."):
         try:
-            validate_token(token, what="token")
+            validate_token(token, label="token")
         except InvalidIdError as exc:
-            raise InvalidIdError(value, exc.reason, kind=what) from None
+            raise InvalidIdError(value, exc.reason, kind=label) from None
     return value
 
 
@@ -133,8 +133,8 @@ class Subjects:
 
     @property
     def all_opcache(self) -> str:
-        """Pattern matching both OpCache subjects, so one subscription sees them in
-        publication order."""
+        """Pattern matching both OpCache subjects, so one subscription receives
+        them in publication order."""
         return f"{self.prefix}.opcache.*"
 
     @property

@@ -227,6 +227,6 @@ class Channel:
         )
 
 
-def closed_error(what: str) -> BusError:
+def closed_error(action: str) -> BusError:
     """Return the error raised when a closed or unconnected bus is used."""
-    return BusError(f"cannot {what}: the bus is not connected; call connect() first")
+    return BusError(f"cannot {action}: the bus is not connected; call connect() first")

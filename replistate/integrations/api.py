@@ -99,7 +99,8 @@ async def cancel_response(replica: Replica, job_id: str) -> tuple[int, dict[str,
     """Request the cancel of `job_id`; return HTTP status and body.
 
     202 when the cancel was accepted, 409 when the job is already terminal, 404
-    when no replica knows it and 400 for an id that cannot name a job.
+    when neither the mirror nor the store has it, and 400 for an id that cannot
+    name a job.
     """
     try:
         outcome = await replica.operations.cancel(job_id)
