@@ -24,6 +24,7 @@ __all__ = [
     "Handler",
     "MessageBus",
     "StateListener",
+    "StateNotifier",
     "Subscription",
     "validate_subject",
 ]
@@ -111,6 +112,29 @@ class MessageBus(Protocol):
     def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
         """Register `listener` for state changes; return a function removing it."""
         ...
+
+
+class StateNotifier:
+    """Connection state of a bus and the listeners told of its changes."""
+
+    def __init__(self) -> None:
+        self._state = BusState.DISCONNECTED
+        self._listeners: list[StateListener] = []
+
+    def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
+        """Register `listener` for state changes; return a function removing it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _set_state(self, state: BusState) -> None:
+        if state is self._state:
+            return
+        self._state = state
+        for listener in list(self._listeners):
+            try:
+                listener(state)
+            except Exception:
+                logger.exception("bus state listener failed on %s", state.value)
 
 
 def validate_subject(subject: str, *, pattern: bool = False) -> str:

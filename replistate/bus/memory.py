@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 
 from replistate.bus.base import (
     BusState,
     Handler,
-    StateListener,
+    StateNotifier,
     closed_error,
     validate_subject,
 )
@@ -93,7 +92,7 @@ class _MemorySubscription:
             await self._task
 
 
-class InMemoryBus:
+class InMemoryBus(StateNotifier):
     """One client connection to an `InMemoryBroker`.
 
     Args:
@@ -102,9 +101,8 @@ class InMemoryBus:
 
     def __init__(self, broker: InMemoryBroker | None = None) -> None:
         self.broker = broker if broker is not None else InMemoryBroker()
-        self._state = BusState.DISCONNECTED
+        super().__init__()
         self._subscriptions: list[_MemorySubscription] = []
-        self._listeners: list[StateListener] = []
 
     @property
     def connected(self) -> bool:
@@ -154,17 +152,3 @@ class InMemoryBus:
             await subscription.drain()
             await subscription.unsubscribe()
         self._set_state(BusState.CLOSED)
-
-    def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
-
-    def _set_state(self, state: BusState) -> None:
-        if state is self._state:
-            return
-        self._state = state
-        for listener in list(self._listeners):
-            try:
-                listener(state)
-            except Exception:
-                logger.exception("bus state listener failed on %s", state.value)

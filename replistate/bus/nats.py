@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import nats
@@ -21,7 +20,7 @@ from nats.aio.subscription import Subscription as _NatsSubscription
 from replistate.bus.base import (
     BusState,
     Handler,
-    StateListener,
+    StateNotifier,
     closed_error,
     validate_subject,
 )
@@ -53,7 +52,7 @@ class _Subscription:
             await self._subscription.unsubscribe()
 
 
-class NatsBus:
+class NatsBus(StateNotifier):
     """A `MessageBus` on a NATS server.
 
     Args:
@@ -78,8 +77,7 @@ class NatsBus:
         self.connect_timeout = connect_timeout
         self.reconnect_wait = reconnect_wait
         self._client = Client()
-        self._state = BusState.DISCONNECTED
-        self._listeners: list[StateListener] = []
+        super().__init__()
         self._subscriptions: list[_Subscription] = []
         self._closing = False
 
@@ -168,20 +166,6 @@ class NatsBus:
                 logger.warning("drain of NATS connection failed: %s", exc)
         await self._client.close()
         self._set_state(BusState.CLOSED)
-
-    def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
-
-    def _set_state(self, state: BusState) -> None:
-        if state is self._state:
-            return
-        self._state = state
-        for listener in list(self._listeners):
-            try:
-                listener(state)
-            except Exception:
-                logger.exception("bus state listener failed on %s", state.value)
 
     async def _on_error(self, error: Any) -> None:
         logger.warning("NATS client error: %s", error or type(error).__name__)
