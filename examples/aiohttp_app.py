@@ -51,7 +51,21 @@ from replistate.subjects import validate_token
 
 logger = logging.getLogger("replistate.example")
 
-MODELS_KEY = web.AppKey("models", set[str])
+
+class ModelCatalog:
+    """The models this replica has loaded from the shared folder."""
+
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = models_dir
+        self.names: set[str] = set()
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the installed models from the shared folder again."""
+        self.names = {path.stem for path in self.models_dir.glob("*.yaml")}
+
+
+CATALOG_KEY = web.AppKey("catalog", ModelCatalog)
 SETTINGS_KEY = web.AppKey("settings", argparse.Namespace)
 
 TICK_SECONDS = 0.1
@@ -66,11 +80,6 @@ def human_size(size: float) -> str:
             return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
         size /= 1000
     raise AssertionError("unreachable")
-
-
-def read_models(models_dir: Path) -> set[str]:
-    """Return the models installed in the shared folder."""
-    return {path.stem for path in models_dir.glob("*.yaml")}
 
 
 async def install_model(
@@ -147,7 +156,7 @@ async def install(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     """Return the models this replica has loaded."""
-    return web.json_response({"models": sorted(request.app[MODELS_KEY])})
+    return web.json_response({"models": sorted(request.app[CATALOG_KEY].names)})
 
 
 async def job_status(request: web.Request) -> web.Response:
@@ -168,22 +177,23 @@ def make_app(settings: argparse.Namespace) -> web.Application:
     """Build the application for the given command-line settings."""
     app = web.Application()
     app[SETTINGS_KEY] = settings
-    app[MODELS_KEY] = read_models(settings.models_dir)
+    catalog = ModelCatalog(settings.models_dir)
+    app[CATALOG_KEY] = catalog
 
     def make_replica() -> Replica:
         replica = Replica(
             ReplicaConfig(replica_id=settings.replica_id),
             bus=NatsBus(settings.nats_url, name=settings.replica_id),
-            store=PostgresGalleryStore(settings.postgres_url),
+            store=PostgresGalleryStore(settings.postgres_url, table=settings.table),
         )
 
         def reload_models(message: InvalidationMessage) -> None:
-            app[MODELS_KEY] = read_models(settings.models_dir)
+            catalog.reload()
             logger.info(
                 "models reloaded after %s of %r: %d installed",
                 message.op,
                 message.element,
-                len(app[MODELS_KEY]),
+                len(catalog.names),
             )
 
         replica.on_models_invalidated(reload_models)
@@ -221,6 +231,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         required=True,
         help="folder shared by the replicas where installed models are written",
+    )
+    parser.add_argument(
+        "--table",
+        default="gallery_operations",
+        help="PostgreSQL table of the operations (default: %(default)s)",
     )
     parser.add_argument(
         "--install-seconds",
@@ -266,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
         format=f"%(asctime)s {settings.replica_id} %(name)s %(levelname)s %(message)s",
     )
+    # One line per request would bury the replication events.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     asyncio.run(serve(settings))
 
 

@@ -389,6 +389,11 @@ class ThrowawayPostgres(_ThrowawayServer):
             self._kill_group(process)
             reason = f"timed out after {self._initdb_timeout_s:.0f} s"
             raise self._start_failed(initdb, reason) from None
+        except BaseException:
+            # On Ctrl-C, initdb runs in its own session and would go on writing
+            # the data directory after close() removed it.
+            self._kill_group(process)
+            raise
         if code != 0:
             raise self._start_failed(initdb, f"exited with code {code}")
 

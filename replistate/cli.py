@@ -10,6 +10,22 @@ import sys
 __all__ = ["main"]
 
 
+MIN_INSTALL_SECONDS = 3.0
+
+
+def install_seconds(text: str) -> float:
+    """Parse the `--install-seconds` value, rejecting installs too short to check."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < MIN_INSTALL_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{value:g} s is too short: use at least {MIN_INSTALL_SECONDS:g} s"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of the `replistate` command line."""
     parser = argparse.ArgumentParser(
@@ -41,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--install-seconds",
-        type=float,
+        type=install_seconds,
         default=6.0,
-        help="duration of each simulated install, in seconds (default: %(default)s)",
+        help="duration of each simulated install, in seconds, at least "
+        f"{MIN_INSTALL_SECONDS:g} so a fourth replica can start during it "
+        "(default: %(default)s)",
     )
     demo.add_argument(
         "--json",

@@ -25,11 +25,15 @@ import signal
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
 
 import aiohttp
+import psycopg
+from psycopg import sql
 
 from replistate._servers import ThrowawayNats, ThrowawayPostgres
 
@@ -45,7 +49,7 @@ BAR_WIDTH = 30
 
 @dataclass
 class DemoResult:
-    """Results of the demo's checks, and the fields of its closing JSON line."""
+    """Results of the demo's checks; `summary` gives its closing JSON line."""
 
     replicas: int = 0
     polls: int = 0
@@ -104,12 +108,14 @@ class Demo:
         *,
         nats_url: str,
         postgres_url: str,
+        table: str,
         work_dir: Path,
         install_seconds: float,
         out: TextIO,
     ) -> None:
         self.nats_url = nats_url
         self.postgres_url = postgres_url
+        self.table = table
         self.work_dir = work_dir
         self.install_seconds = install_seconds
         self.out = out
@@ -153,6 +159,8 @@ class Demo:
                 self.postgres_url,
                 "--replica-id",
                 name,
+                "--table",
+                self.table,
                 "--models-dir",
                 str(self.work_dir / "models"),
                 "--install-seconds",
@@ -276,7 +284,7 @@ class Demo:
         if self._tty:
             self.out.write("\r\x1b[K" + line)
             self.out.flush()
-        elif self.result.polls % 10 == 1:
+        else:
             self.say(line)
 
     async def check_models_reloaded(self, model: str) -> None:
@@ -362,6 +370,21 @@ def show_logs(work_dir: Path, out: TextIO, lines: int = 15) -> None:
             print(line, file=out)
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def drop_table(postgres_url: str, table: str, out: TextIO) -> None:
+    """Drop the demo's table, so a shared database keeps nothing of the run."""
+    try:
+        with psycopg.connect(postgres_url, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(
+                sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table))
+            )
+    except psycopg.Error as exc:
+        print(f"table {table} not dropped: {exc}", file=out)
+
+
 def run_demo(
     *,
     nats_url: str | None = None,
@@ -370,7 +393,11 @@ def run_demo(
     json_output: bool = False,
     out: TextIO = sys.stdout,
 ) -> int:
-    """Run the demo; return the process exit code, 0 when every check held."""
+    """Run the demo; return the process exit code, 0 when every check held.
+
+    SIGTERM is handled as Ctrl-C: the replicas and servers are stopped and the
+    temporary folder removed before the demo exits with code 130.
+    """
     if not EXAMPLE_APP.exists():
         print(
             f"the demo needs the example app at {EXAMPLE_APP}: run it from a clone "
@@ -378,7 +405,9 @@ def run_demo(
             file=sys.stderr,
         )
         return 2
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     work_dir = Path(tempfile.mkdtemp(prefix="replistate-demo-"))
+    table = f"replistate_demo_{uuid.uuid4().hex[:12]}"
     servers: list[ThrowawayNats | ThrowawayPostgres] = []
     result = DemoResult()
     try:
@@ -397,6 +426,7 @@ def run_demo(
         demo = Demo(
             nats_url=nats_url,
             postgres_url=postgres_url,
+            table=table,
             work_dir=work_dir,
             install_seconds=install_seconds,
             out=out,
@@ -408,10 +438,16 @@ def run_demo(
             result.failures.append(str(exc))
         if not result.passed:
             show_logs(work_dir, out)
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping the replicas and servers", file=out)
+        return 130
     finally:
+        if postgres_url is not None:
+            drop_table(postgres_url, table, out)
         for server in reversed(servers):
             server.close()
         shutil.rmtree(work_dir, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous_handler)
 
     for failure in result.failures:
         print(f"check failed: {failure}", file=out)
@@ -427,7 +463,3 @@ def run_demo(
         print(json.dumps(result.summary()), file=out)
     out.flush()
     return 0 if result.passed else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_demo(json_output="--json" in sys.argv, out=sys.stdout))

@@ -54,6 +54,8 @@ class ReplicaConfig:
         max_payload: largest payload sent or accepted, in bytes; the bus's own
             limit when None.
         create_schema: whether `start` creates the store's table if missing.
+        write_interval: seconds between two progress writes of one operation to
+            the store; start and terminal writes are not delayed.
     """
 
     replica_id: str = attrs.field(factory=_new_replica_id, validator=_non_empty)
@@ -62,6 +64,7 @@ class ReplicaConfig:
     active_window: timedelta = ACTIVE_WINDOW
     max_payload: int | None = None
     create_schema: bool = True
+    write_interval: float = 0.5
 
 
 def _opcache_decoder(
@@ -121,6 +124,7 @@ class Replica:
             opcache=self.opcache,
             channel=self.channel,
             store=store,
+            write_interval=self.config.write_interval,
         )
         self._subscriptions: list[Subscription] = []
         self._remove_listener: Callable[[], None] | None = None
@@ -156,6 +160,8 @@ class Replica:
             await self.store.open()
             if self.config.create_schema:
                 await self.store.ensure_schema()
+        if self.operations.writer is not None:
+            self.operations.writer.start()
         if self.bus is not None and self.channel is not None:
             await self.bus.connect()
             self._remove_listener = self.bus.add_state_listener(self._on_bus_state)
@@ -181,6 +187,8 @@ class Replica:
         await self.operations.stop_operations(
             f"owner replica {self.replica_id} stopped before the operation finished"
         )
+        if self.operations.writer is not None:
+            await self.operations.writer.stop()
         for subscription in self._subscriptions:
             await subscription.unsubscribe()
         self._subscriptions.clear()

@@ -26,9 +26,10 @@ import attrs
 from replistate.bus.base import Channel
 from replistate.codec import CancelMessage, InvalidationMessage, ProgressMessage
 from replistate.errors import BusError, EncodeError, StoreError
-from replistate.models import NodeProgress, OpStatus, OpType
+from replistate.models import NodeProgress, OperationRecord, OpStatus, OpType
 from replistate.opcache import OpCache
 from replistate.store.base import GalleryStore
+from replistate.store.writer import StoreWriter
 from replistate.subjects import Subjects, validate_job_id
 
 __all__ = [
@@ -73,6 +74,8 @@ class OperationsService:
         opcache: the OpCache of this replica.
         channel: the typed bus, or None in standalone mode.
         store: the durable store, or None in standalone mode.
+        write_interval: seconds between two progress writes of one job to the
+            store; start and terminal writes are not delayed.
     """
 
     def __init__(
@@ -83,12 +86,20 @@ class OperationsService:
         opcache: OpCache,
         channel: Channel | None = None,
         store: GalleryStore | None = None,
+        write_interval: float = 0.5,
     ) -> None:
         self.replica_id = replica_id
         self.subjects = subjects
         self.opcache = opcache
         self.channel = channel
         self.store = store
+        self.writer = (
+            StoreWriter(
+                store, interval=write_interval, on_rejected=self._on_write_rejected
+            )
+            if store is not None
+            else None
+        )
         self._held: dict[str, _MirroredStatus] = {}
         self._cancel_functions: dict[str, CancelFunction] = {}
         self._model_hooks: list[InvalidationHook] = []
@@ -134,9 +145,10 @@ class OperationsService:
     async def update_status(self, job_id: str, status: OpStatus) -> bool:
         """Write a new status of `job_id`: memory, then bus, then store.
 
-        The held node list is kept when `status` has none. Returns whether the
-        status applied: it does not once the operation is terminal and `status`
-        is not.
+        The store write is queued on the `StoreWriter`, which coalesces progress
+        and retries failures, so this never waits on the store. The held node list
+        is kept when `status` has none. Returns whether the status applied: it
+        does not once the operation is terminal and `status` is not.
         """
         validate_job_id(job_id)
         held = self._held.get(job_id)
@@ -154,16 +166,42 @@ class OperationsService:
                 await self.channel.publish(self.subjects.progress(job_id), message)
             except (BusError, EncodeError) as exc:
                 logger.warning("status of job %r not published: %s", job_id, exc)
-        if self.store is not None:
-            try:
-                await self.store.save_status(
-                    job_id, applied, version=version, frontend_id=self.replica_id
-                )
-            except StoreError as exc:
-                # TODO: retry with backoff. Until then a terminal status that fails
-                # here is missing from the store until the job is written again.
-                logger.warning("status of job %r not stored: %s", job_id, exc)
+        if self.writer is not None:
+            self.writer.submit(
+                job_id,
+                applied,
+                version=version,
+                frontend_id=self.replica_id,
+                urgent=held is None,
+            )
         return True
+
+    async def _on_write_rejected(
+        self, job_id: str, stored: OperationRecord | None
+    ) -> None:
+        """Adopt and publish the terminal state that won the race in the store."""
+        if stored is None or not stored.status.terminal:
+            return
+        held = self._held.get(job_id)
+        if held is not None and held.status.state is stored.status:
+            return
+        winner = stored.to_status()
+        version = max(held.version or 0 if held else 0, stored.version) + 1
+        status = held.status.merged_with(winner) if held else winner
+        self._held[job_id] = _MirroredStatus(status, version)
+        logger.warning(
+            "terminal state of job %r lost the race to the stored %s",
+            job_id,
+            stored.status.value,
+        )
+        if self.channel is not None:
+            message = ProgressMessage(
+                job_id=job_id, status=status, origin=self.replica_id, version=version
+            )
+            try:
+                await self.channel.publish(self.subjects.progress(job_id), message)
+            except (BusError, EncodeError) as exc:
+                logger.warning("winner of job %r not published: %s", job_id, exc)
 
     async def update_node(self, job_id: str, node: NodeProgress) -> OpStatus:
         """Apply one node's progress to the status of `job_id` and write it.

@@ -192,6 +192,11 @@ class Cluster:
                     await replica.bus.drain()
             # Let tasks woken by the handlers, such as a cancelled operation, run.
             await asyncio.sleep(0)
+        for replica in self.replicas:
+            writer = replica.operations.writer
+            if writer is not None and replica.ready:
+                async with asyncio.timeout(5):
+                    await writer.flush()
 
 
 @pytest.fixture
