@@ -8,6 +8,7 @@ written to the store, and no lock is held across the I/O.
 
 from __future__ import annotations
 
+import collections
 import logging
 
 import attrs
@@ -22,6 +23,9 @@ from replistate.subjects import Subjects, validate_job_id
 __all__ = ["OpCache", "OpCacheEntry"]
 
 logger = logging.getLogger(__name__)
+
+MAX_ENDED_JOBS = 10_000
+"""Ended jobs remembered to ignore their late start events, at about 100 bytes each."""
 
 
 @attrs.frozen
@@ -57,6 +61,9 @@ class OpCache:
         self.store = store
         self._by_key: dict[str, OpCacheEntry] = {}
         self._key_by_job: dict[str, str] = {}
+        # Jobs whose entry was removed, oldest first, so a start event or a row
+        # that arrives after the end cannot bring the entry back.
+        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     async def set(
         self,
@@ -128,12 +135,19 @@ class OpCache:
         return cache_key in self._by_key
 
     def restore(self, entry: OpCacheEntry) -> None:
-        """Put an entry read from the store into memory, without publishing."""
-        self._put(entry)
+        """Put an entry read from the store into memory, without publishing.
+
+        An entry of a job that already ended here is ignored.
+        """
+        if entry.job_id not in self._ended:
+            self._put(entry)
 
     async def handle_start(self, subject: str, message: OpCacheStartMessage) -> None:
-        """Apply a peer's start event. Our own echo is already applied."""
-        if message.origin == self.replica_id:
+        """Apply a peer's start event, unless the job already ended here.
+
+        Our own echo is already applied.
+        """
+        if message.origin == self.replica_id or message.job_id in self._ended:
             return
         self._put(OpCacheEntry(message.cache_key, message.job_id, message.is_backend))
 
@@ -155,6 +169,7 @@ class OpCache:
         validate_job_id(job_id)
         if not cache_key:
             raise ValueError(f"missing cache key for job {job_id!r}")
+        self._ended.pop(job_id, None)
         self._put(OpCacheEntry(cache_key, job_id, is_backend))
 
         message = OpCacheStartMessage(
@@ -193,6 +208,10 @@ class OpCache:
         self._key_by_job[entry.job_id] = entry.cache_key
 
     def _remove(self, job_id: str) -> OpCacheEntry | None:
+        self._ended[job_id] = None
+        self._ended.move_to_end(job_id)
+        while len(self._ended) > MAX_ENDED_JOBS:
+            self._ended.popitem(last=False)
         cache_key = self._key_by_job.pop(job_id, None)
         if cache_key is None:
             return None

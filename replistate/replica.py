@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from types import TracebackType
 from typing import Any
@@ -130,6 +130,9 @@ class Replica:
         self._remove_listener: Callable[[], None] | None = None
         self._hydrated = False
         self._started = False
+        # Messages received while hydrating, applied once the store was read.
+        self._buffer: list[tuple[Callable[[str, Any], Awaitable[None]], str, Any]] = []
+        self._buffering = False
 
     @property
     def replica_id(self) -> str:
@@ -144,10 +147,11 @@ class Replica:
         return self.bus is None or self.bus.connected
 
     async def start(self) -> None:
-        """Connect, subscribe, then hydrate from the store.
+        """Connect, subscribe, hydrate from the store, then apply what arrived.
 
-        Subscribing first means a change published while the store is read is
-        received; the version rules keep the newer of the two.
+        Messages received while the store is read wait in a buffer and are applied
+        after the rows, so a change published during start-up is never lost, and
+        the version rules keep the newer of a row and a message.
 
         Raises:
             BusError: the bus cannot be reached.
@@ -162,12 +166,16 @@ class Replica:
                 await self.store.ensure_schema()
         if self.operations.writer is not None:
             self.operations.writer.start()
+        self._buffering = True
         if self.bus is not None and self.channel is not None:
             await self.bus.connect()
             self._remove_listener = self.bus.add_state_listener(self._on_bus_state)
             await self._subscribe(self.channel)
         self._started = True
-        count = await self.hydrate()
+        try:
+            count = await self.hydrate()
+        finally:
+            await self._release_buffer()
         logger.info(
             "replica %r started: hydrated %d operations in %.1f ms",
             self.replica_id,
@@ -275,10 +283,37 @@ class Replica:
         ]
         for pattern, decoder, handler in pairs:
             self._subscriptions.append(
-                await channel.subscribe(pattern, decoder, handler)
+                await channel.subscribe(pattern, decoder, self._gate(handler))
             )
         if self.bus is not None:
             await self.bus.flush()
+
+    def _gate(
+        self, handler: Callable[[str, Any], Awaitable[None]]
+    ) -> Callable[[str, Any], Awaitable[None]]:
+        """Wrap `handler` so messages wait in the buffer while hydrating."""
+
+        async def receive(subject: str, message: Any) -> None:
+            if self._buffering:
+                self._buffer.append((handler, subject, message))
+                return
+            await handler(subject, message)
+
+        return receive
+
+    async def _release_buffer(self) -> None:
+        """Apply the messages received during hydration, in arrival order.
+
+        The version rules keep a buffered status from undoing a newer row, and an
+        end event buffered here removes an entry the store still listed.
+        """
+        while self._buffer:
+            handler, subject, message = self._buffer.pop(0)
+            try:
+                await handler(subject, message)
+            except Exception:
+                logger.exception("buffered message on %r failed", subject)
+        self._buffering = False
 
     async def _handle_opcache(
         self, subject: str, message: OpCacheStartMessage | OpCacheEndMessage

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
-from replistate import InvalidIdError, OpCacheEntry, OpStatus
+from replistate import (
+    InMemoryBroker,
+    InMemoryBus,
+    InMemoryStore,
+    InvalidIdError,
+    OpCacheEntry,
+    OperationRecord,
+    OpStatus,
+    Replica,
+    ReplicaConfig,
+)
+from replistate.codec import OpCacheStartMessage
+from replistate.store.base import ACTIVE_WINDOW
 
 from .conftest import Cluster
 
@@ -112,3 +126,61 @@ async def test_set_rejects_subject_breaking_id(cluster: Cluster, job_id: str) ->
 
     assert raised.value.value == job_id
     assert len(a.opcache) == 0
+
+
+async def test_start_after_end_is_ignored(cluster: Cluster) -> None:
+    """A start event delivered after the end of its job does not revive it."""
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    await a.opcache.set("gallery@model-a", "job-1")
+    await a.opcache.delete_job("job-1")
+    await cluster.settle()
+    late_start = OpCacheStartMessage(
+        job_id="job-1", cache_key="gallery@model-a", is_backend=False, origin="x"
+    )
+
+    await b.opcache.handle_start(b.subjects.opcache_start, late_start)
+    b.opcache.restore(OpCacheEntry("gallery@model-a", "job-1"))
+
+    assert b.opcache.get("gallery@model-a") is None
+    assert len(b.opcache) == 0
+
+
+async def test_end_during_hydration_not_lost() -> None:
+    """An end event published between the store read and the end of hydration
+    removes the entry that the rows listed."""
+    store = EndingStore()
+    broker = InMemoryBroker()
+    a = Replica(ReplicaConfig(replica_id="a"), bus=broker.connect(), store=store)
+    await a.start()
+    await a.opcache.set("gallery@model-a", "job-1")
+    await a.operations.update_status("job-1", OpStatus(progress=10))
+    assert a.operations.writer is not None
+    await a.operations.writer.flush()
+    store.peer = a
+    b = Replica(ReplicaConfig(replica_id="b"), bus=broker.connect(), store=store)
+
+    await b.start()
+    assert isinstance(b.bus, InMemoryBus)
+    await b.bus.drain()
+
+    assert b.opcache.get("gallery@model-a") is None
+    assert b.opcache.get_by_job("job-1") is None
+    await a.stop()
+    await b.stop()
+
+
+class EndingStore(InMemoryStore):
+    """A store in which a peer ends job-1 right after the active rows are read."""
+
+    peer: Replica | None = None
+
+    async def list_active(
+        self, window: timedelta = ACTIVE_WINDOW
+    ) -> list[OperationRecord]:
+        rows = await super().list_active(window)
+        if self.peer is not None:
+            await self.peer.opcache.delete_job("job-1")
+            assert isinstance(self.peer.bus, InMemoryBus)
+            await self.peer.bus.flush()
+        return rows
