@@ -142,6 +142,10 @@ class OpCache:
         if entry.job_id not in self._ended:
             self._put(entry)
 
+    def discard(self, job_id: str) -> OpCacheEntry | None:
+        """Remove the entry of `job_id` here only, without publishing."""
+        return self._remove(job_id)
+
     async def handle_start(self, subject: str, message: OpCacheStartMessage) -> None:
         """Apply a peer's start event, unless the job already ended here.
 

@@ -23,6 +23,7 @@ from replistate.codec import (
 )
 from replistate.errors import DecodeError, NotStartedError
 from replistate.opcache import OpCache, OpCacheEntry
+from replistate.resync import Resyncer
 from replistate.service import InvalidationHook, OperationsService
 from replistate.store.base import ACTIVE_WINDOW, GalleryStore
 from replistate.subjects import DEFAULT_CACHE_PREFIX, DEFAULT_PREFIX, Subjects
@@ -56,6 +57,9 @@ class ReplicaConfig:
         create_schema: whether `start` creates the store's table if missing.
         write_interval: seconds between two progress writes of one operation to
             the store; start and terminal writes are not delayed.
+        resync_interval: seconds between periodic resyncs with the store, None
+            for none. A resync also follows each bus reconnect and each gap in
+            the versions of a job.
     """
 
     replica_id: str = attrs.field(factory=_new_replica_id, validator=_non_empty)
@@ -65,6 +69,7 @@ class ReplicaConfig:
     max_payload: int | None = None
     create_schema: bool = True
     write_interval: float = 0.5
+    resync_interval: float | None = 30.0
 
 
 def _opcache_decoder(
@@ -126,6 +131,18 @@ class Replica:
             store=store,
             write_interval=self.config.write_interval,
         )
+        self.resyncer = (
+            Resyncer(
+                store=store,
+                operations=self.operations,
+                opcache=self.opcache,
+                active_window=self.config.active_window,
+                interval=self.config.resync_interval,
+            )
+            if store is not None and bus is not None
+            else None
+        )
+        self._bus_lost = False
         self._subscriptions: list[Subscription] = []
         self._remove_listener: Callable[[], None] | None = None
         self._hydrated = False
@@ -176,6 +193,12 @@ class Replica:
             count = await self.hydrate()
         finally:
             await self._release_buffer()
+        if self.resyncer is not None:
+            resyncer = self.resyncer
+            self.operations.on_gap = lambda job_id: resyncer.request(
+                f"version gap on job {job_id}"
+            )
+            resyncer.start()
         logger.info(
             "replica %r started: hydrated %d operations in %.1f ms",
             self.replica_id,
@@ -192,6 +215,8 @@ class Replica:
         if not self._started:
             return
         self._started = False
+        if self.resyncer is not None:
+            await self.resyncer.stop()
         await self.operations.stop_operations(
             f"owner replica {self.replica_id} stopped before the operation finished"
         )
@@ -323,10 +348,23 @@ class Replica:
         else:
             await self.opcache.handle_end(subject, message)
 
+    async def resync(self) -> int:
+        """Reconcile the mirror with the store now; return how many jobs changed.
+
+        See `replistate.resync` for what a resync repairs. Without a store or a
+        bus there is nothing to reconcile and this returns 0.
+        """
+        if self.resyncer is None:
+            return 0
+        return await self.resyncer.resync("request")
+
     def _on_bus_state(self, state: BusState) -> None:
-        # TODO: resync the mirror with the store after a reconnect; until then a
-        # replica misses what was published while it was disconnected.
         if state is BusState.DISCONNECTED:
+            self._bus_lost = True
             logger.warning("replica %r lost the bus: not ready", self.replica_id)
-        elif state is BusState.CONNECTED and self._started:
+        elif state is BusState.CONNECTED and self._started and self._bus_lost:
+            self._bus_lost = False
             logger.info("replica %r has the bus again", self.replica_id)
+            if self.resyncer is not None:
+                # Whatever was published while disconnected is in the store.
+                self.resyncer.request("bus reconnect")

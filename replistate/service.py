@@ -14,6 +14,7 @@ A status without a version (from a LocalAI peer) is subject to the second rule o
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import inspect
 import logging
@@ -44,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 InvalidationHook = Callable[[InvalidationMessage], Awaitable[None] | None]
 """Called with each invalidation received, this replica's own included."""
+
+MAX_SEEN_INVALIDATIONS = 1000
+"""Invalidations with a version remembered to run their hooks only once."""
 
 CancelFunction = Callable[[], Awaitable[None] | None]
 
@@ -105,6 +109,11 @@ class OperationsService:
         self._model_hooks: list[InvalidationHook] = []
         self._backend_hooks: list[InvalidationHook] = []
         self._tasks: dict[str, tuple[asyncio.Task[None], OperationHandle]] = {}
+        self._seen_invalidations: collections.OrderedDict[
+            tuple[str, str | None, str | None, OpType | None, int], None
+        ] = collections.OrderedDict()
+        self.on_gap: Callable[[str], None] | None = None
+        """Called with the job id when a received version skips one or more."""
         self._stop_reasons: dict[str, str] = {}
 
     # Statuses ---------------------------------------------------------------
@@ -226,10 +235,30 @@ class OperationsService:
                 subject,
             )
             return
+        held = self._held.get(job_id)
+        gap = (
+            held is not None
+            and held.version is not None
+            and message.version is not None
+            and message.version > held.version + 1
+        )
         self._apply(job_id, message.status, message.version)
+        if gap and self.on_gap is not None:
+            # Versions of one job grow by one, so a jump means messages were lost.
+            self.on_gap(job_id)
 
-    def restore(self, job_id: str, status: OpStatus, version: int) -> bool:
-        """Put a status read from the store into memory under the usual rules."""
+    def restore(
+        self, job_id: str, status: OpStatus, version: int, *, final: bool = False
+    ) -> bool:
+        """Put a status read from the store into memory under the usual rules.
+
+        With `final`, a terminal status from the store replaces a held status that
+        is not terminal whatever their versions, because the store decides which
+        terminal state an operation ends in.
+        """
+        held = self._held.get(job_id)
+        if final and status.terminal and held is not None and not held.status.terminal:
+            version = max(version, (held.version or 0) + 1)
         return self._apply(job_id, status, version)
 
     def forget(self, job_id: str) -> None:
@@ -360,13 +389,31 @@ class OperationsService:
     async def handle_invalidation(
         self, subject: str, message: InvalidationMessage
     ) -> None:
-        """Run the hooks of the invalidation received on `subject`."""
+        """Run the hooks of the invalidation received on `subject`.
+
+        An invalidation caused by an operation carries its version. The same one
+        seen twice, live and again from a resync, or replayed by the bus after a
+        reconnect, runs the hooks once.
+        """
         if subject == self.subjects.invalidate_models:
             hooks = self._model_hooks
         elif subject == self.subjects.invalidate_backends:
             hooks = self._backend_hooks
         else:
             return
+        if message.version is not None:
+            key = (
+                subject,
+                message.origin,
+                message.element,
+                message.op,
+                message.version,
+            )
+            if key in self._seen_invalidations:
+                return
+            self._seen_invalidations[key] = None
+            while len(self._seen_invalidations) > MAX_SEEN_INVALIDATIONS:
+                self._seen_invalidations.popitem(last=False)
         for hook in list(hooks):
             try:
                 result = hook(message)

@@ -525,3 +525,19 @@ async def test_wire_payloads_carry_origin_and_version(cluster: Cluster) -> None:
     cancels = [p for s, p in by_subject if s == f"{held_job}.cancel"]
     assert cancels == [{"id": held_job, "origin": "b", "version": 1, "schema": 1}]
     await listener.close()
+
+
+async def test_versioned_invalidation_runs_once(cluster: Cluster) -> None:
+    """The same invalidation from a live event and from a resync reloads once."""
+    a = await cluster.add("a")
+    seen: list[str | None] = []
+    a.on_models_invalidated(lambda message: seen.append(message.element))
+    versioned = InvalidationMessage(
+        element="m", op=OpType.INSTALL, origin="b", version=7
+    )
+    plain = InvalidationMessage(element="m")
+
+    for message in (versioned, versioned, plain, plain):
+        await a.operations.handle_invalidation(a.subjects.invalidate_models, message)
+
+    assert seen == ["m", "m", "m"]

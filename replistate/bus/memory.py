@@ -47,7 +47,10 @@ class InMemoryBroker:
 
     def _route(self, subject: str, data: bytes) -> None:
         for subscription in list(self._subscriptions):
-            if subject_matches(subscription.pattern, subject):
+            # A disconnected client misses messages, as on core NATS.
+            if subscription.bus.connected and subject_matches(
+                subscription.pattern, subject
+            ):
                 subscription.deliver(subject, data)
 
 
@@ -65,6 +68,10 @@ class _MemorySubscription:
     @property
     def pattern(self) -> str:
         return self._pattern
+
+    @property
+    def bus(self) -> InMemoryBus:
+        return self._bus
 
     def deliver(self, subject: str, data: bytes) -> None:
         self._queue.put_nowait((subject, data))
@@ -114,6 +121,20 @@ class InMemoryBus(StateNotifier):
 
     async def connect(self) -> None:
         self._set_state(BusState.CONNECTED)
+
+    def disconnect(self) -> None:
+        """Lose the connection: publishing raises and messages are missed.
+
+        Subscriptions survive and deliver again after `reconnect`, as nats-py
+        restores them when it reconnects.
+        """
+        if self._state is BusState.CONNECTED:
+            self._set_state(BusState.DISCONNECTED)
+
+    def reconnect(self) -> None:
+        """Restore a connection lost with `disconnect`."""
+        if self._state is BusState.DISCONNECTED:
+            self._set_state(BusState.CONNECTED)
 
     async def publish(self, subject: str, data: bytes) -> None:
         if not self.connected:

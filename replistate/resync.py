@@ -1,0 +1,183 @@
+"""Resync: repair a replica's mirror from the store after it may have missed events.
+
+A replica misses bus messages while it is disconnected, and a jump in the versions
+of a job shows that some were lost on the way. A resync reads the store, which every
+writer updates, and repairs the mirror:
+
+- active rows are applied under the version rules, and their OpCache entries put
+  back;
+- a job held as running that the store reports terminal takes the stored state,
+  and fires the hooks a live end event would: an install that completed while the
+  replica was away reloads its models;
+- a job held as running that the store no longer lists, because it was cleaned up
+  or went stale, is dropped, so nothing shows running forever.
+
+`Resyncer` runs one resync at a time: requests made during a run cause one more
+run after it, never several.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import timedelta
+
+from replistate.codec import InvalidationMessage
+from replistate.errors import StoreError
+from replistate.models import OperationRecord, OpState
+from replistate.opcache import OpCache, OpCacheEntry
+from replistate.service import OperationsService
+from replistate.store.base import GalleryStore
+
+__all__ = ["Resyncer"]
+
+logger = logging.getLogger(__name__)
+
+
+class Resyncer:
+    """Reconciles one replica's mirror with the store, on request and on a period.
+
+    Args:
+        store: the durable store.
+        operations: the replica's statuses.
+        opcache: the replica's OpCache.
+        active_window: how recently a row must have been updated to be active.
+        interval: seconds between periodic resyncs; None for none.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: GalleryStore,
+        operations: OperationsService,
+        opcache: OpCache,
+        active_window: timedelta,
+        interval: float | None,
+    ) -> None:
+        self.store = store
+        self.operations = operations
+        self.opcache = opcache
+        self.active_window = active_window
+        self.interval = interval
+        self.runs = 0
+        self.failures = 0
+        self._requested = asyncio.Event()
+        self._reasons: set[str] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the background task that runs requested and periodic resyncs."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="replistate resync")
+
+    async def stop(self) -> None:
+        """Stop the background task; a resync under way is abandoned."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._idle.set()
+
+    def request(self, reason: str) -> None:
+        """Ask for a resync soon; `reason` is logged with it."""
+        self._reasons.add(reason)
+        self._idle.clear()
+        self._requested.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until no resync is requested or running."""
+        await self._idle.wait()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.interval):
+                    await self._requested.wait()
+            except TimeoutError:
+                self._reasons.add("period")
+            self._requested.clear()
+            reasons, self._reasons = self._reasons, set()
+            try:
+                await self.resync(", ".join(sorted(reasons)))
+            except StoreError as exc:
+                self.failures += 1
+                logger.warning("resync failed, will retry: %s", exc)
+                await asyncio.sleep(1.0)
+                self.request("retry")
+                continue
+            if not self._requested.is_set():
+                self._idle.set()
+
+    async def resync(self, reason: str = "request") -> int:
+        """Reconcile the mirror with the store now; return how many jobs changed.
+
+        Raises:
+            StoreError: the store cannot be read; the mirror is left as it was.
+        """
+        began = time.perf_counter()
+        rows = await self.store.list_active(self.active_window)
+        changed = 0
+        active = {row.id for row in rows}
+        for row in rows:
+            if self.operations.restore(row.id, row.to_status(), row.version):
+                changed += 1
+            if row.cache_key:
+                self.opcache.restore(
+                    OpCacheEntry(row.cache_key, row.id, row.is_backend_op)
+                )
+
+        held = self.operations.statuses()
+        for job_id, status in held.items():
+            if job_id in active or status.terminal:
+                continue
+            stored = await self.store.get(job_id)
+            if stored is None or not stored.status.terminal:
+                # Cleaned up, or not updated within the window: taken as gone.
+                self.operations.forget(job_id)
+                self.opcache.discard(job_id)
+                changed += 1
+                logger.info("job %r is no longer active: dropped by resync", job_id)
+                continue
+            if self.operations.restore(
+                job_id, stored.to_status(), stored.version, final=True
+            ):
+                changed += 1
+                await self._ended(stored)
+
+        self.runs += 1
+        logger.info(
+            "resynced (%s): %d active rows, %d jobs changed in %.1f ms",
+            reason,
+            len(rows),
+            changed,
+            (time.perf_counter() - began) * 1000,
+        )
+        return changed
+
+    async def _ended(self, row: OperationRecord) -> None:
+        """Do what a live end event would have done for a job found terminal."""
+        logger.info("job %r found %s by resync", row.id, row.status.value)
+        if row.status is OpState.FAILED:
+            # A failure stays listed with its error, as it does on live replicas.
+            return
+        self.opcache.discard(row.id)
+        if row.status is not OpState.COMPLETED:
+            return
+        subjects = self.operations.subjects
+        subject = (
+            subjects.invalidate_backends
+            if row.is_backend_op
+            else subjects.invalidate_models
+        )
+        message = InvalidationMessage(
+            element=row.gallery_element_name or None,
+            op=row.op_type,
+            origin=row.frontend_id or None,
+            version=row.version,
+        )
+        await self.operations.handle_invalidation(subject, message)

@@ -1,0 +1,222 @@
+"""Resync of a replica's mirror with the store after missed messages."""
+
+from __future__ import annotations
+
+import asyncio
+
+import attrs
+
+from replistate import (
+    InMemoryBus,
+    NatsBus,
+    OperationHandle,
+    OpState,
+    OpStatus,
+    OpType,
+    PostgresGalleryStore,
+    Replica,
+    ReplicaConfig,
+)
+from replistate._servers import ThrowawayNats
+from replistate.codec import InvalidationMessage, ProgressMessage, encode
+
+from .conftest import Cluster, drop_table
+
+
+def bus_of(replica: Replica) -> InMemoryBus:
+    assert isinstance(replica.bus, InMemoryBus)
+    return replica.bus
+
+
+async def wait_resynced(replica: Replica) -> None:
+    assert replica.resyncer is not None
+    await asyncio.sleep(0)
+    async with asyncio.timeout(5):
+        await replica.resyncer.wait_idle()
+
+
+async def test_reconnect_resync_finishes_missed_install(cluster: Cluster) -> None:
+    """An install that completed while B was disconnected ends on B as a live end
+    event would: shown completed, removed from the OpCache, models reloaded."""
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    reloads: list[InvalidationMessage] = []
+    b.on_models_invalidated(reloads.append)
+    release = asyncio.Event()
+
+    async def install(handle: OperationHandle) -> None:
+        await handle.update(progress=50.0)
+        await release.wait()
+
+    job_id = await a.operations.start_operation(
+        "gallery@model-a", install, element_name="model-a"
+    )
+    await asyncio.sleep(0)
+    await cluster.settle()
+    assert b.opcache.get("gallery@model-a") == job_id
+
+    bus_of(b).disconnect()
+    release.set()
+    await asyncio.sleep(0)
+    await cluster.settle()
+    held = b.operations.get_status(job_id)
+    assert held is not None
+    assert held.processed is False
+    assert reloads == []
+
+    bus_of(b).reconnect()
+    await wait_resynced(b)
+
+    held = b.operations.get_status(job_id)
+    assert held is not None
+    assert held.state is OpState.COMPLETED
+    assert b.opcache.get("gallery@model-a") is None
+    assert [(m.element, m.op) for m in reloads] == [("model-a", OpType.INSTALL)]
+    assert b.ready is True
+
+
+async def test_version_gap_triggers_resync(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    await a.operations.update_status("job-1", OpStatus(progress=10))
+    await cluster.settle()
+    assert b.resyncer is not None
+    runs_before = b.resyncer.runs
+
+    skipped = ProgressMessage(
+        job_id="job-1", status=OpStatus(progress=40), origin="a", version=4
+    )
+    await bus_of(a).publish(a.subjects.progress("job-1"), encode(skipped))
+    await cluster.settle()
+    await wait_resynced(b)
+
+    assert b.resyncer.runs == runs_before + 1
+    held = b.operations.get_status("job-1")
+    assert held is not None
+    assert held.progress == 40
+
+
+async def test_resync_drops_jobs_gone_from_store(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    await a.opcache.set("gallery@model-a", "job-1")
+    await a.operations.update_status("job-1", OpStatus(progress=10))
+    await cluster.settle()
+    del cluster.store.rows["job-1"]
+
+    changed = await a.resync()
+
+    assert changed == 1
+    assert a.operations.get_status("job-1") is None
+    assert a.opcache.get("gallery@model-a") is None
+
+
+async def test_resync_keeps_failure_listed(cluster: Cluster) -> None:
+    """A failure found by resync keeps its OpCache entry, so the error shows."""
+    a = await cluster.add("a")
+    await a.opcache.set("gallery@model-a", "job-1")
+    await a.operations.update_status("job-1", OpStatus(progress=10))
+    await cluster.settle()
+    row = cluster.store.rows["job-1"]
+    cluster.store.rows["job-1"] = attrs.evolve(
+        row, status=OpState.FAILED, error="owner lost", version=row.version + 1
+    )
+
+    await a.resync()
+
+    held = a.operations.get_status("job-1")
+    assert held is not None
+    assert held.error == "owner lost"
+    assert held.state is OpState.FAILED
+    assert a.opcache.get("gallery@model-a") == "job-1"
+
+
+async def test_stored_terminal_wins_over_newer_tick(cluster: Cluster) -> None:
+    """The store decides the terminal state even when the mirror saw a higher
+    version of a running status."""
+    a = await cluster.add("a")
+    await a.operations.update_status("job-1", OpStatus(progress=10))
+    await cluster.settle()
+    for _ in range(5):
+        await a.operations.update_status("job-1", OpStatus(progress=20))
+    row = cluster.store.rows["job-1"]
+    cluster.store.rows["job-1"] = attrs.evolve(row, status=OpState.CANCELLED, version=2)
+    assert a.operations.writer is not None
+    await a.operations.writer.stop(grace_period=0)
+
+    await a.resync()
+
+    held = a.operations.get_status("job-1")
+    assert held is not None
+    assert held.state is OpState.CANCELLED
+
+
+async def test_periodic_resync_runs() -> None:
+    cluster = Cluster()
+    replica = Replica(
+        ReplicaConfig(replica_id="a", resync_interval=0.05),
+        bus=cluster.broker.connect(),
+        store=cluster.store,
+    )
+    await replica.start()
+    assert replica.resyncer is not None
+
+    await asyncio.sleep(0.3)
+
+    assert replica.resyncer.runs >= 2
+    await replica.stop()
+
+
+async def test_nats_restart_resyncs_peer(postgres_url: str, table_name: str) -> None:
+    """With real servers: a completion published while NATS was down reaches the
+    peer through the store once NATS is back."""
+    with ThrowawayNats() as nats_server:
+        replicas = [
+            Replica(
+                ReplicaConfig(replica_id=name, resync_interval=None),
+                bus=NatsBus(nats_server.url, reconnect_wait=0.1),
+                store=PostgresGalleryStore(postgres_url, table=table_name),
+            )
+            for name in ("a", "b")
+        ]
+        a, b = replicas
+        for replica in replicas:
+            await replica.start()
+        reloads: list[InvalidationMessage] = []
+        b.on_models_invalidated(reloads.append)
+        release = asyncio.Event()
+
+        async def install(handle: OperationHandle) -> None:
+            await handle.update(progress=30.0)
+            await release.wait()
+
+        try:
+            job_id = await a.operations.start_operation(
+                "gallery@model-a", install, element_name="model-a"
+            )
+            async with asyncio.timeout(10):
+                while b.opcache.get("gallery@model-a") != job_id:
+                    await asyncio.sleep(0.01)
+
+            await asyncio.to_thread(nats_server.stop)
+            release.set()
+            async with asyncio.timeout(10):
+                while (a.operations.get_status(job_id) or OpStatus()).state is not (
+                    OpState.COMPLETED
+                ):
+                    await asyncio.sleep(0.01)
+            assert a.operations.writer is not None
+            async with asyncio.timeout(10):
+                await a.operations.writer.flush()
+            await asyncio.to_thread(nats_server.start)
+
+            async with asyncio.timeout(20):
+                while b.opcache.get("gallery@model-a") is not None:
+                    await asyncio.sleep(0.05)
+            held = b.operations.get_status(job_id)
+            assert held is not None
+            assert held.state is OpState.COMPLETED
+            assert [m.element for m in reloads] == ["model-a"]
+        finally:
+            for replica in replicas:
+                await replica.stop()
+            await drop_table(postgres_url, table_name)
