@@ -39,6 +39,7 @@ from replistate import (
     NatsBus,
     NodeProgress,
     NodeState,
+    OperationConflictError,
     OperationHandle,
     PostgresGalleryStore,
     Replica,
@@ -128,27 +129,23 @@ async def install(request: web.Request) -> web.Response:
     except InvalidIdError as exc:
         return web.json_response({"error": str(exc)}, status=400)
 
-    cache_key = f"gallery@{model_id}"
-    running = replica.opcache.get(cache_key)
-    if running is not None:
-        status = replica.operations.get_status(running)
-        if status is None or not status.terminal:
-            return web.json_response(
-                {
-                    "error": f"model {model_id!r} is already being installed",
-                    "jobID": running,
-                },
-                status=409,
-            )
-
     async def work(handle: OperationHandle) -> None:
         await install_model(
             handle, model_id, settings.models_dir, settings.install_seconds
         )
 
-    job_id = await replica.operations.start_operation(
-        cache_key, work, element_name=model_id
-    )
+    try:
+        job_id = await replica.operations.start_operation(
+            f"gallery@{model_id}", work, element_name=model_id
+        )
+    except OperationConflictError as exc:
+        return web.json_response(
+            {
+                "error": f"model {model_id!r} is already being installed",
+                "jobID": exc.job_id,
+            },
+            status=409,
+        )
     return web.json_response(
         {"jobID": job_id, "replica": replica.replica_id}, status=202
     )

@@ -15,6 +15,7 @@ from replistate.errors import (
     InvalidIdError,
     JobNotFoundError,
     NotStartedError,
+    OperationConflictError,
     OperationFailed,
     PayloadTooLargeError,
     ReplistateError,
@@ -30,11 +31,8 @@ from replistate.models import (
 )
 from replistate.opcache import OpCache, OpCacheEntry
 from replistate.replica import Replica, ReplicaConfig
-from replistate.service import (
-    CancelOutcome,
-    OperationHandle,
-    OperationsService,
-)
+from replistate.runner import OperationHandle
+from replistate.service import CancelOutcome, OperationsService
 from replistate.store.base import GalleryStore
 from replistate.store.memory import InMemoryStore
 from replistate.store.postgres import PostgresGalleryStore
@@ -64,6 +62,7 @@ __all__ = [
     "OpState",
     "OpStatus",
     "OpType",
+    "OperationConflictError",
     "OperationFailed",
     "OperationHandle",
     "OperationRecord",

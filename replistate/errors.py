@@ -12,6 +12,7 @@ involved as attributes::
      |    +-- PayloadTooLargeError            a payload is over the size limit
      +-- BusError (ConnectionError)           the message bus failed or is closed
      +-- StoreError (OSError)                 the durable store failed
+     +-- OperationConflictError (ValueError)  a job id or cache key is taken
      +-- JobNotFoundError (LookupError)       the job is in neither mirror nor store
      +-- OperationFailed (RuntimeError)       the error text of a failed operation
      +-- NotStartedError (RuntimeError)       a replica was used before start()
@@ -27,6 +28,7 @@ __all__ = [
     "InvalidIdError",
     "JobNotFoundError",
     "NotStartedError",
+    "OperationConflictError",
     "OperationFailed",
     "PayloadTooLargeError",
     "ReplistateError",
@@ -49,7 +51,8 @@ class InvalidIdError(ReplistateError, ValueError):
     def __init__(self, value: str, reason: str, *, kind: str = "id") -> None:
         self.value = value
         self.reason = reason
-        super().__init__(f"invalid {kind} {value!r}: {reason}")
+        shown = value if len(value) <= 80 else value[:60] + "..."
+        super().__init__(f"invalid {kind} {shown!r}: {reason}")
 
 
 class CodecError(ReplistateError, ValueError):
@@ -96,6 +99,20 @@ class BusError(ReplistateError, ConnectionError):
 
 class StoreError(ReplistateError, OSError):
     """The durable store failed."""
+
+
+class OperationConflictError(ReplistateError, ValueError):
+    """An operation cannot start: its job id is in use, or its key is busy.
+
+    Attributes:
+        cache_key: the cache key of the refused operation.
+        job_id: the job that holds the id or the key.
+    """
+
+    def __init__(self, message: str, cache_key: str, job_id: str) -> None:
+        self.cache_key = cache_key
+        self.job_id = job_id
+        super().__init__(message)
 
 
 class JobNotFoundError(ReplistateError, LookupError):

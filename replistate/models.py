@@ -8,6 +8,7 @@ This module does no I/O.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -64,17 +65,43 @@ class OpType(enum.StrEnum):
     UPGRADE = "upgrade"
 
 
+MAX_TEXT_LENGTH = 8192
+"""Longest error or message text kept, in characters; longer text is cut.
+
+A status must fit in one bus message (1 MiB by default on NATS), and an error
+carrying a whole HTTP response body would not.
+"""
+
+
+def _cut(text: str) -> str:
+    if len(text) <= MAX_TEXT_LENGTH:
+        return text
+    note = f" [cut from {len(text)} characters]"
+    return text[: MAX_TEXT_LENGTH - len(note)] + note
+
+
 def error_text(error: BaseException | str | None) -> str | None:
     """Convert an error of any type to the message string that crosses the wire.
 
     An exception becomes ``str(exc)``, or its class name when the message is empty,
-    so a failure never looks like a success. An empty string means no error.
+    so a failure never looks like a success. An empty string means no error. Text
+    over `MAX_TEXT_LENGTH` characters is cut, on every replica alike.
     """
     if error is None:
         return None
     if isinstance(error, BaseException):
-        return str(error) or type(error).__name__
-    return error or None
+        return _cut(str(error) or type(error).__name__)
+    return _cut(error) if error else None
+
+
+FAILED_WITHOUT_TEXT = "failed without an error message"
+"""Error text of a row stored as failed with no error, as other writers may leave."""
+
+
+def _finite_percent(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"progress must be a finite percentage, got {value!r}")
+    return value
 
 
 def _require_aware(value: datetime | None) -> datetime | None:
@@ -93,7 +120,7 @@ class NodeProgress:
     node_id: str
     node_name: str = ""
     status: NodeState = NodeState.QUEUED
-    percentage: float = 0.0
+    percentage: float = attrs.field(default=0.0, converter=_finite_percent)
     file_name: str = ""
     current: str = ""
     total: str = ""
@@ -120,8 +147,8 @@ class OpStatus:
     file_name: str = ""
     error: str | None = attrs.field(default=None, converter=error_text)
     processed: bool = False
-    message: str = ""
-    progress: float = 0.0
+    message: str = attrs.field(default="", converter=_cut)
+    progress: float = attrs.field(default=0.0, converter=_finite_percent)
     file_size: str = ""
     downloaded_size: str = ""
     gallery_element_name: str = ""
@@ -254,8 +281,11 @@ class OperationRecord:
         return OpStatus(
             deletion=self.op_type is OpType.DELETE,
             file_name=self.file_name,
-            error=self.error,
             processed=self.status in (OpState.COMPLETED, OpState.FAILED),
+            # A failed row without error text must still read as a failure.
+            error=self.error
+            if self.error or self.status is not OpState.FAILED
+            else FAILED_WITHOUT_TEXT,
             message=self.message,
             progress=self.progress,
             file_size=self.total_file_size,

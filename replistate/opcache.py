@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 
 import attrs
 
 from replistate.bus.base import Channel
 from replistate.codec import OpCacheEndMessage, OpCacheStartMessage
-from replistate.errors import BusError, EncodeError, StoreError
+from replistate.errors import BusError, CodecError, StoreError
 from replistate.models import OperationRecord, OpType
 from replistate.store.base import GalleryStore
 from replistate.subjects import Subjects, validate_job_id
@@ -26,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 MAX_ENDED_JOBS = 10_000
 """Ended jobs remembered to ignore their late start events, at about 100 bytes each."""
+
+
+def _job_id(entry: OpCacheEntry) -> str:
+    return entry.job_id
 
 
 @attrs.frozen
@@ -64,6 +69,10 @@ class OpCache:
         # Jobs whose entry was removed, oldest first, so a start event or a row
         # that arrives after the end cannot bring the entry back.
         self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.is_active: Callable[[str], bool] = lambda job_id: True
+        """Tells whether a job may still be running; set by the replica."""
+        self.on_displaced: Callable[[str, str, str], None] | None = None
+        """Called with loser, winner and key when two running jobs claim a key."""
 
     async def set(
         self,
@@ -204,6 +213,24 @@ class OpCache:
     def _put(self, entry: OpCacheEntry) -> None:
         replaced = self._by_key.get(entry.cache_key)
         if replaced is not None and replaced.job_id != entry.job_id:
+            if self.is_active(replaced.job_id) and self.is_active(entry.job_id):
+                # Two replicas started jobs on one key at once. Every replica keeps
+                # the larger job id, whatever order the starts arrive in.
+                winner, loser = (
+                    max(replaced, entry, key=_job_id),
+                    min(replaced, entry, key=_job_id),
+                )
+                logger.warning(
+                    "jobs %r and %r both claim cache key %r: job %r keeps it",
+                    replaced.job_id,
+                    entry.job_id,
+                    entry.cache_key,
+                    winner.job_id,
+                )
+                if self.on_displaced is not None:
+                    self.on_displaced(loser.job_id, winner.job_id, entry.cache_key)
+                if winner is replaced:
+                    return
             self._key_by_job.pop(replaced.job_id, None)
         previous_key = self._key_by_job.get(entry.job_id)
         if previous_key is not None and previous_key != entry.cache_key:
@@ -226,7 +253,7 @@ class OpCache:
             return
         try:
             await self.channel.publish(subject, message)
-        except (BusError, EncodeError) as exc:
+        except (BusError, CodecError) as exc:
             logger.warning(
                 "OpCache event for job %r not published on %r: %s",
                 job_id,

@@ -13,7 +13,13 @@ from typing import Any
 import attrs
 
 from replistate import codec
-from replistate.bus.base import BusState, Channel, MessageBus, Subscription
+from replistate.bus.base import (
+    BusState,
+    Channel,
+    MessageBus,
+    Subscription,
+    raised_by_callback,
+)
 from replistate.codec import (
     CancelMessage,
     InvalidationMessage,
@@ -57,6 +63,8 @@ class ReplicaConfig:
         create_schema: whether `start` creates the store's table if missing.
         write_interval: seconds between two progress writes of one operation to
             the store; start and terminal writes are not delayed.
+        stop_grace_period: seconds `stop` gives owned work to end after its
+            cancel; work still running then is marked failed and left behind.
         resync_interval: seconds between periodic resyncs with the store, None
             for none. A resync also follows each bus reconnect and each gap in
             the versions of a job.
@@ -70,6 +78,7 @@ class ReplicaConfig:
     create_schema: bool = True
     write_interval: float = 0.5
     resync_interval: float | None = 30.0
+    stop_grace_period: float = 5.0
 
 
 def _opcache_decoder(
@@ -168,7 +177,8 @@ class Replica:
 
         Messages received while the store is read wait in a buffer and are applied
         after the rows, so a change published during start-up is never lost, and
-        the version rules keep the newer of a row and a message.
+        the version rules keep the newer of a row and a message. When start-up
+        fails, what was opened is closed again, so `start` can be retried.
 
         Raises:
             BusError: the bus cannot be reached.
@@ -177,28 +187,13 @@ class Replica:
         if self._started:
             return
         began = time.perf_counter()
-        if self.store is not None:
-            await self.store.open()
-            if self.config.create_schema:
-                await self.store.ensure_schema()
-        if self.operations.writer is not None:
-            self.operations.writer.start()
-        self._buffering = True
-        if self.bus is not None and self.channel is not None:
-            await self.bus.connect()
-            self._remove_listener = self.bus.add_state_listener(self._on_bus_state)
-            await self._subscribe(self.channel)
-        self._started = True
         try:
-            count = await self.hydrate()
-        finally:
-            await self._release_buffer()
-        if self.resyncer is not None:
-            resyncer = self.resyncer
-            self.operations.on_gap = lambda job_id: resyncer.request(
-                f"version gap on job {job_id}"
-            )
-            resyncer.start()
+            count = await self._open()
+        except BaseException:
+            await self._close()
+            raise
+        self._started = True
+        self.operations.runner.accepting = True
         logger.info(
             "replica %r started: hydrated %d operations in %.1f ms",
             self.replica_id,
@@ -215,11 +210,43 @@ class Replica:
         if not self._started:
             return
         self._started = False
+        await self.operations.stop_operations(
+            f"owner replica {self.replica_id} stopped before the operation finished",
+            self.config.stop_grace_period,
+        )
+        await self._close()
+        logger.info("replica %r stopped", self.replica_id)
+
+    async def _open(self) -> int:
+        if self.store is not None:
+            await self.store.open()
+            if self.config.create_schema:
+                await self.store.ensure_schema()
+        if self.operations.writer is not None:
+            self.operations.writer.start()
+        self._buffering = True
+        if self.bus is not None and self.channel is not None:
+            await self.bus.connect()
+            self._remove_listener = self.bus.add_state_listener(self._on_bus_state)
+            await self._subscribe(self.channel)
+        try:
+            count = await self.hydrate()
+        finally:
+            await self._release_buffer()
+        if self.resyncer is not None:
+            resyncer = self.resyncer
+            self.operations.on_gap = lambda job_id: resyncer.request(
+                f"version gap on job {job_id}"
+            )
+            resyncer.start()
+        return count
+
+    async def _close(self) -> None:
+        self._hydrated = False
+        self._buffer.clear()
+        self._buffering = False
         if self.resyncer is not None:
             await self.resyncer.stop()
-        await self.operations.stop_operations(
-            f"owner replica {self.replica_id} stopped before the operation finished"
-        )
         if self.operations.writer is not None:
             await self.operations.writer.stop()
         for subscription in self._subscriptions:
@@ -232,18 +259,20 @@ class Replica:
             await self.bus.close()
         if self.store is not None:
             await self.store.close()
-        logger.info("replica %r stopped", self.replica_id)
 
     async def hydrate(self) -> int:
         """Load the active operations from the store into memory.
 
         Returns the number of operations read. A row never replaces a newer
-        status already received from the bus.
+        status already received from the bus. Failures within the active window
+        are read too, because live replicas keep listing them with their error.
         """
         if self.store is None:
             self._hydrated = True
             return 0
-        records = await self.store.list_active(self.config.active_window)
+        records = await self.store.list_active(
+            self.config.active_window, include_failed=True
+        )
         for record in records:
             self.operations.restore(record.id, record.to_status(), record.version)
             if record.cache_key:
@@ -336,7 +365,9 @@ class Replica:
             handler, subject, message = self._buffer.pop(0)
             try:
                 await handler(subject, message)
-            except Exception:
+            except BaseException as exc:
+                if not raised_by_callback(exc):
+                    raise
                 logger.exception("buffered message on %r failed", subject)
         self._buffering = False
 

@@ -120,7 +120,7 @@ class Resyncer:
             StoreError: the store cannot be read; the mirror is left as it was.
         """
         began = time.perf_counter()
-        rows = await self.store.list_active(self.active_window)
+        rows = await self.store.list_active(self.active_window, include_failed=True)
         changed = 0
         active = {row.id for row in rows}
         for row in rows:
@@ -148,6 +148,17 @@ class Resyncer:
             ):
                 changed += 1
                 await self._ended(stored)
+
+        for entry in self.opcache.entries():
+            held_status = self.operations.get_status(entry.job_id)
+            if (
+                entry.job_id not in active
+                and held_status is not None
+                and held_status.terminal
+            ):
+                # A failure that left the active window stops being listed.
+                self.opcache.discard(entry.job_id)
+                changed += 1
 
         self.runs += 1
         logger.info(

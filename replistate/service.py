@@ -13,22 +13,20 @@ A status without a version (from a LocalAI peer) is subject to the second rule o
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import enum
 import inspect
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import attrs
 
-from replistate.bus.base import Channel
+from replistate.bus.base import Channel, raised_by_callback
 from replistate.codec import CancelMessage, InvalidationMessage, ProgressMessage
-from replistate.errors import BusError, EncodeError, StoreError
+from replistate.errors import BusError, CodecError, StoreError
 from replistate.models import NodeProgress, OperationRecord, OpStatus, OpType
 from replistate.opcache import OpCache
+from replistate.runner import OperationHandle, OperationRunner, Work
 from replistate.store.base import GalleryStore
 from replistate.store.writer import StoreWriter
 from replistate.subjects import Subjects, validate_job_id
@@ -51,15 +49,13 @@ MAX_SEEN_INVALIDATIONS = 1000
 
 CancelFunction = Callable[[], Awaitable[None] | None]
 
-Work = Callable[["OperationHandle"], Awaitable[Any]]
-"""The work of an operation, given a handle to report progress."""
-
 
 class CancelOutcome(enum.Enum):
     """Outcome of a cancel request."""
 
     ACCEPTED = "accepted"
     TOO_LATE = "too_late"
+    NOT_CANCELLABLE = "not_cancellable"
     UNKNOWN = "unknown"
 
 
@@ -108,13 +104,14 @@ class OperationsService:
         self._cancel_functions: dict[str, CancelFunction] = {}
         self._model_hooks: list[InvalidationHook] = []
         self._backend_hooks: list[InvalidationHook] = []
-        self._tasks: dict[str, tuple[asyncio.Task[None], OperationHandle]] = {}
         self._seen_invalidations: collections.OrderedDict[
             tuple[str, str | None, str | None, OpType | None, int], None
         ] = collections.OrderedDict()
         self.on_gap: Callable[[str], None] | None = None
         """Called with the job id when a received version skips one or more."""
-        self._stop_reasons: dict[str, str] = {}
+        self.runner = OperationRunner(self)
+        opcache.is_active = self.is_active
+        opcache.on_displaced = self._on_displaced
 
     # Statuses ---------------------------------------------------------------
 
@@ -134,6 +131,7 @@ class OperationsService:
         A row read from the store is put into memory under the usual rules, so a
         poll that reaches this replica before the start event still finds the job.
         """
+        validate_job_id(job_id)
         held = self._held.get(job_id)
         if held is not None or self.store is None:
             return held.status if held else None
@@ -157,14 +155,16 @@ class OperationsService:
         The store write is queued on the `StoreWriter`, which coalesces progress
         and retries failures, so this never waits on the store. The held node list
         is kept when `status` has none. Returns whether the status applied: it
-        does not once the operation is terminal and `status` is not.
+        does not once the operation is terminal, because only the store may
+        replace one terminal state by another.
         """
         validate_job_id(job_id)
         held = self._held.get(job_id)
-        version = (held.version or 0) + 1 if held else 1
-        if not self._apply(job_id, status, version):
+        if held is not None and held.status.terminal:
             logger.debug("status of job %r ignored: the job is terminal", job_id)
             return False
+        version = (held.version or 0) + 1 if held else 1
+        self._apply(job_id, status, version)
         applied = self._held[job_id].status
 
         if self.channel is not None:
@@ -173,7 +173,7 @@ class OperationsService:
             )
             try:
                 await self.channel.publish(self.subjects.progress(job_id), message)
-            except (BusError, EncodeError) as exc:
+            except (BusError, CodecError) as exc:
                 logger.warning("status of job %r not published: %s", job_id, exc)
         if self.writer is not None:
             self.writer.submit(
@@ -209,7 +209,7 @@ class OperationsService:
             )
             try:
                 await self.channel.publish(self.subjects.progress(job_id), message)
-            except (BusError, EncodeError) as exc:
+            except (BusError, CodecError) as exc:
                 logger.warning("winner of job %r not published: %s", job_id, exc)
 
     async def update_node(self, job_id: str, node: NodeProgress) -> OpStatus:
@@ -277,6 +277,9 @@ class OperationsService:
             if held.status.terminal and (not status.terminal or version is None):
                 return False
             status = held.status.merged_with(status)
+            if version is None:
+                # A peer without versions must not reset the ordering of the job.
+                version = held.version
         self._held[job_id] = _MirroredStatus(status, version)
         return True
 
@@ -298,8 +301,13 @@ class OperationsService:
 
         Returns:
             ACCEPTED when the request was run or sent, TOO_LATE when the operation
-            is already terminal, UNKNOWN when neither the mirror nor the store
-            has the job.
+            is already terminal, NOT_CANCELLABLE when its status says it cannot
+            be cancelled, UNKNOWN when neither the mirror nor the store has the
+            job.
+
+        Raises:
+            InvalidIdError: `job_id` cannot name a job.
+            BusError: the request had to be sent and the bus is not connected.
         """
         validate_job_id(job_id)
         status = await self.fetch_status(job_id)
@@ -311,6 +319,8 @@ class OperationsService:
         if local:
             await self._run_cancel(job_id)
             return CancelOutcome.ACCEPTED
+        if status is not None and not status.cancellable:
+            return CancelOutcome.NOT_CANCELLABLE
         if self.channel is None:
             return CancelOutcome.UNKNOWN
         message = CancelMessage(
@@ -344,7 +354,9 @@ class OperationsService:
             result = cancel()
             if inspect.isawaitable(result):
                 await result
-        except Exception:
+        except BaseException as exc:
+            if not raised_by_callback(exc):
+                raise
             logger.exception("cancel function of job %r failed", job_id)
 
     # Invalidation -----------------------------------------------------------
@@ -419,7 +431,9 @@ class OperationsService:
                 result = hook(message)
                 if inspect.isawaitable(result):
                     await result
-            except Exception:
+            except BaseException as exc:
+                if not raised_by_callback(exc):
+                    raise
                 logger.exception(
                     "invalidation hook %r failed on %r for element %r",
                     getattr(hook, "__qualname__", hook),
@@ -443,7 +457,7 @@ class OperationsService:
             return
         try:
             await self.channel.publish(subject, message)
-        except (BusError, EncodeError) as exc:
+        except (BusError, CodecError) as exc:
             logger.warning(
                 "invalidation of element %r not published on %r, running local "
                 "hooks only: %s",
@@ -465,179 +479,70 @@ class OperationsService:
         is_backend: bool = False,
         job_id: str | None = None,
         cancellable: bool = True,
+        exclusive: bool = True,
     ) -> str:
         """Admit an operation and run `work` in a task owned by this replica.
 
-        The job gets a pending status, then is announced in the OpCache. `work` receives
-        an `OperationHandle` to report progress. When it returns, the operation is
-        completed, the matching invalidation is published and the OpCache entry is
-        removed. When it raises, the operation fails with the exception's text and
-        the entry stays, so clients see the error. When it is cancelled, the
-        operation is marked cancelled and the entry removed.
+        The job gets a pending status, then is announced in the OpCache. `work`
+        receives an `OperationHandle` to report progress. When it returns, the
+        operation is completed, the matching invalidation is published and the
+        OpCache entry is removed. When it raises, the operation fails with the
+        exception's text and the entry stays, so clients see the error. When it
+        is cancelled, the operation is marked cancelled and the entry removed.
 
-        The task belongs to the service, not to the caller: a web request that
+        The task belongs to the replica, not to the caller: a web request that
         starts an operation may end without stopping it.
+
+        Args:
+            cache_key: what the operation acts on, such as ``gallery@model-a``.
+            work: the coroutine function doing the work.
+            element_name: the gallery element, shown as the operation's name.
+            op_type: install, delete or upgrade; sent with the invalidation.
+            is_backend: whether it is a backend operation, which invalidates the
+                backends instead of the models.
+            job_id: the job id; a random UUID when omitted.
+            cancellable: whether a cancel request may stop it.
+            exclusive: whether to refuse the operation while another one runs on
+                the same cache key.
 
         Returns:
             the job id.
+
+        Raises:
+            NotStartedError: the replica is not running.
+            OperationConflictError: the job id is in use, or, with `exclusive`,
+                another job runs on the cache key; the error names that job.
+            InvalidIdError: the job id cannot be used in a subject.
         """
-        job_id = validate_job_id(job_id or str(uuid.uuid4()))
-        queued = OpStatus(
-            deletion=op_type is OpType.DELETE,
-            gallery_element_name=element_name,
-            message="queued",
-            cancellable=cancellable,
-        )
-        await self.update_status(job_id, queued)
-        set_entry = self.opcache.set_backend if is_backend else self.opcache.set
-        await set_entry(
+        return await self.runner.start(
             cache_key,
-            job_id,
+            work,
             element_name=element_name,
             op_type=op_type,
-            version=self.version_of(job_id),
+            is_backend=is_backend,
+            job_id=job_id,
+            cancellable=cancellable,
+            exclusive=exclusive,
         )
 
-        handle = OperationHandle(self, job_id, cache_key, element_name, op_type)
-        task = asyncio.create_task(
-            self._run_operation(handle, work, is_backend), name=f"operation {job_id}"
-        )
-        handle._task = task
-        self._tasks[job_id] = (task, handle)
-        if cancellable:
-            self.register_cancel(job_id, handle._request_cancel)
-        return job_id
-
-    async def stop_operations(self, reason: str) -> None:
+    async def stop_operations(self, reason: str, grace_period: float = 5.0) -> None:
         """Stop every operation this replica runs, marking each failed with
-        `reason`."""
-        tasks = list(self._tasks.values())
-        for _, handle in tasks:
-            self._stop_reasons[handle.job_id] = reason
-            handle._request_cancel()
-        await asyncio.gather(*(task for task, _ in tasks), return_exceptions=True)
+        `reason`; see `OperationRunner.stop`."""
+        await self.runner.stop(reason, grace_period)
 
     @property
     def owned_jobs(self) -> list[str]:
         """Ids of the operations whose work runs on this replica."""
-        return list(self._tasks)
+        return self.runner.owned_jobs
 
-    async def _run_operation(
-        self, handle: OperationHandle, work: Work, is_backend: bool
-    ) -> None:
-        job_id = handle.job_id
-        handle._started = True
-        failure: Exception | None = None
-        cancelled = False
-        try:
-            if handle._cancel_requested:
-                # Cancelled while queued: the work never starts.
-                raise asyncio.CancelledError
-            await work(handle)
-        except asyncio.CancelledError:
-            cancelled = True
-        except Exception as exc:
-            failure = exc
-        # From here on a cancel request has no effect, so the final status is
-        # always written whole.
-        handle._finished = True
-        self.unregister_cancel(job_id)
-        try:
-            await self._finish(handle, is_backend, cancelled, failure)
-        finally:
-            self._tasks.pop(job_id, None)
+    def is_active(self, job_id: str) -> bool:
+        """Return whether `job_id` may still be running: not known as terminal."""
+        status = self.get_status(job_id)
+        return status is None or not status.terminal
 
-    async def _finish(
-        self,
-        handle: OperationHandle,
-        is_backend: bool,
-        cancelled: bool,
-        failure: Exception | None,
-    ) -> None:
-        job_id = handle.job_id
-        base = self.get_status(job_id) or OpStatus()
-        reason = self._stop_reasons.pop(job_id, None)
-        if cancelled and reason is None:
-            final = attrs.evolve(
-                base, cancelled=True, cancellable=False, message="cancelled"
-            )
-            await self.update_status(job_id, final)
-            await self.opcache.delete_job(job_id, version=self.version_of(job_id))
-            logger.info("job %r cancelled", job_id)
-        elif cancelled or failure is not None:
-            error = reason if cancelled else failure
-            final = attrs.evolve(base, processed=True, error=error, cancellable=False)
-            await self.update_status(job_id, final)
-            logger.warning("job %r failed: %s", job_id, final.error)
-        else:
-            final = attrs.evolve(
-                base,
-                processed=True,
-                progress=100.0,
-                message="completed",
-                cancellable=False,
-            )
-            await self.update_status(job_id, final)
-            invalidate = (
-                self.invalidate_backends if is_backend else self.invalidate_models
-            )
-            version = self.version_of(job_id)
-            await invalidate(
-                handle.element_name or None, handle.op_type, version=version
-            )
-            await self.opcache.delete_job(job_id, version=version)
-            logger.info("job %r completed", job_id)
-
-
-class OperationHandle:
-    """Progress reporter handed to the work of an operation.
-
-    Attributes:
-        job_id: the operation's job id.
-        cache_key: the OpCache key it acts on.
-        element_name: the gallery element it acts on.
-        op_type: install, delete or upgrade.
-    """
-
-    def __init__(
-        self,
-        service: OperationsService,
-        job_id: str,
-        cache_key: str,
-        element_name: str,
-        op_type: OpType,
-    ) -> None:
-        self._service = service
-        self.job_id = job_id
-        self.cache_key = cache_key
-        self.element_name = element_name
-        self.op_type = op_type
-        self._task: asyncio.Task[None] | None = None
-        self._started = False
-        self._finished = False
-        self._cancel_requested = False
-
-    @property
-    def status(self) -> OpStatus:
-        """The status held for this operation."""
-        return self._service.get_status(self.job_id) or OpStatus()
-
-    async def update(self, **changes: Any) -> bool:
-        """Write the held status with `changes` applied, such as ``progress=42.0``.
-
-        Returns whether it applied; it does not once the operation is terminal.
-        """
-        return await self._service.update_status(
-            self.job_id, attrs.evolve(self.status, **changes)
+    def _on_displaced(self, job_id: str, winner: str, cache_key: str) -> None:
+        self.runner.displace(
+            job_id,
+            f"job {winner} took cache key {cache_key} at the same time on "
+            "another replica",
         )
-
-    async def node(self, node: NodeProgress) -> OpStatus:
-        """Write one node's progress, merged by the rules of `OpStatus.with_node`."""
-        return await self._service.update_node(self.job_id, node)
-
-    def _request_cancel(self) -> None:
-        self._cancel_requested = True
-        # A task cancelled before its first step never runs its body, so the
-        # cancelled status would never be written: it checks the flag instead.
-        if self._started and not self._finished and self._task is not None:
-            self._task.cancel()

@@ -19,6 +19,7 @@ from replistate.errors import InvalidIdError
 __all__ = [
     "DEFAULT_CACHE_PREFIX",
     "DEFAULT_PREFIX",
+    "MAX_TOKEN_LENGTH",
     "RESERVED_JOB_IDS",
     "Subjects",
     "subject_matches",
@@ -31,6 +32,13 @@ DEFAULT_PREFIX: Final = "gallery"
 
 DEFAULT_CACHE_PREFIX: Final = "cache.invalidate"
 """Prefix of the invalidation subjects."""
+
+MAX_TOKEN_LENGTH: Final = 256
+"""Longest id accepted in a subject, in characters.
+
+nats-server closes a connection whose protocol line is over 4096 bytes, so a
+subject built from a longer id would cost the replica its connection.
+"""
 
 _FORBIDDEN = re.compile(r"[.*>\s\x00-\x1f\x7f-\x9f]")
 
@@ -46,6 +54,18 @@ def validate_token(value: str, *, label: str = "id") -> str:
         raise InvalidIdError(repr(value), f"{label} must be a string")
     if not value:
         raise InvalidIdError(value, f"{label} must not be empty")
+    if len(value) > MAX_TOKEN_LENGTH:
+        raise InvalidIdError(
+            value,
+            f"{label} is {len(value)} characters long, over the limit of "
+            f"{MAX_TOKEN_LENGTH}",
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidIdError(
+            value, f"{label} is not valid Unicode text (it has a lone surrogate)"
+        ) from None
     found = _FORBIDDEN.search(value)
     if found is not None:
         raise InvalidIdError(

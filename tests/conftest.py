@@ -164,6 +164,13 @@ async def drop_table(url: str, table: str) -> None:
         )
 
 
+async def eventually(check: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Wait until `check` holds, failing the test after `seconds`."""
+    async with asyncio.timeout(seconds):
+        while not check():  # noqa: ASYNC110 - the state has no event to wait on
+            await asyncio.sleep(0.01)
+
+
 @attrs.define
 class Cluster:
     """Replicas of one test on an in-memory broker and store."""

@@ -22,17 +22,7 @@ from replistate import (
 )
 from replistate.codec import InvalidationMessage
 
-from .conftest import drop_table
-
-TIMEOUT = 10.0
-
-
-async def eventually(check: Callable[[], bool]) -> None:
-    """Wait until `check` holds, failing the test after `TIMEOUT` seconds."""
-    async with asyncio.timeout(TIMEOUT):
-        while not check():  # noqa: ASYNC110 - the state has no event to wait on
-            await asyncio.sleep(0.01)
-
+from .conftest import drop_table, eventually
 
 ReplicaFactory = Callable[[str], Awaitable[Replica]]
 

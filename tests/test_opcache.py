@@ -176,9 +176,9 @@ class EndingStore(InMemoryStore):
     peer: Replica | None = None
 
     async def list_active(
-        self, window: timedelta = ACTIVE_WINDOW
+        self, window: timedelta = ACTIVE_WINDOW, *, include_failed: bool = False
     ) -> list[OperationRecord]:
-        rows = await super().list_active(window)
+        rows = await super().list_active(window, include_failed=include_failed)
         if self.peer is not None:
             await self.peer.opcache.delete_job("job-1")
             assert isinstance(self.peer.bus, InMemoryBus)

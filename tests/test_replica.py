@@ -29,9 +29,9 @@ class ChangingStore(InMemoryStore):
         self.writer: Replica | None = None
 
     async def list_active(
-        self, window: timedelta = timedelta(hours=1)
+        self, window: timedelta = timedelta(hours=1), *, include_failed: bool = False
     ) -> list[OperationRecord]:
-        rows = await super().list_active(window)
+        rows = await super().list_active(window, include_failed=include_failed)
         if self.writer is not None:
             await self.writer.operations.update_status(
                 "job-1", OpStatus(processed=True, message="finished during start")

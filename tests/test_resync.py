@@ -20,7 +20,7 @@ from replistate import (
 from replistate._servers import ThrowawayNats
 from replistate.codec import InvalidationMessage, ProgressMessage, encode
 
-from .conftest import Cluster, drop_table
+from .conftest import Cluster, drop_table, eventually
 
 
 def bus_of(replica: Replica) -> InMemoryBus:
@@ -193,25 +193,22 @@ async def test_nats_restart_resyncs_peer(postgres_url: str, table_name: str) -> 
             job_id = await a.operations.start_operation(
                 "gallery@model-a", install, element_name="model-a"
             )
-            async with asyncio.timeout(10):
-                while b.opcache.get("gallery@model-a") != job_id:
-                    await asyncio.sleep(0.01)
+            await eventually(lambda: b.opcache.get("gallery@model-a") == job_id)
 
             await asyncio.to_thread(nats_server.stop)
             release.set()
-            async with asyncio.timeout(10):
-                while (a.operations.get_status(job_id) or OpStatus()).state is not (
-                    OpState.COMPLETED
-                ):
-                    await asyncio.sleep(0.01)
+            await eventually(
+                lambda: (
+                    (a.operations.get_status(job_id) or OpStatus()).state
+                    is OpState.COMPLETED
+                )
+            )
             assert a.operations.writer is not None
             async with asyncio.timeout(10):
                 await a.operations.writer.flush()
             await asyncio.to_thread(nats_server.start)
 
-            async with asyncio.timeout(20):
-                while b.opcache.get("gallery@model-a") is not None:
-                    await asyncio.sleep(0.05)
+            await eventually(lambda: b.opcache.get("gallery@model-a") is None, 20)
             held = b.operations.get_status(job_id)
             assert held is not None
             assert held.state is OpState.COMPLETED

@@ -191,7 +191,7 @@ async def test_cancel_runs_registered_function(cluster: Cluster) -> None:
     a = await cluster.add("a")
     b = await cluster.add("b")
     calls: list[str] = []
-    await b.operations.update_status("job-1", OpStatus(progress=5))
+    await b.operations.update_status("job-1", OpStatus(progress=5, cancellable=True))
     b.operations.register_cancel("job-1", lambda: calls.append("job-1"))
     await cluster.settle()
 
@@ -334,8 +334,10 @@ async def test_hydrates_active_statuses(cluster: Cluster) -> None:
     assert held.gallery_element_name == "model-a"
     assert held.error == "connection reset by peer"
     assert c.operations.get_status("job-done") is None
-    assert c.operations.get_status("job-failed") is None
-    assert set(c.operations.statuses()) == {"job-active"}
+    failed = c.operations.get_status("job-failed")
+    assert failed is not None
+    assert failed.error == "gone"
+    assert set(c.operations.statuses()) == {"job-active", "job-failed"}
 
 
 async def test_own_echo_changes_nothing(cluster: Cluster) -> None:

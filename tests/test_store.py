@@ -197,8 +197,10 @@ async def test_list_active_skips_terminal(store_case: StoreUnderTest) -> None:
     await store.save_status("cancelled", OpStatus(cancelled=True), version=1)
 
     active = await store.list_active()
+    with_failed = await store.list_active(include_failed=True)
 
     assert sorted(row.id for row in active) == ["pending", "running"]
+    assert sorted(row.id for row in with_failed) == ["failed", "pending", "running"]
 
 
 async def test_list_active_window_excludes_stale(store_case: StoreUnderTest) -> None:

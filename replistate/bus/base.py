@@ -9,6 +9,7 @@ every bus, the in-memory one included, crosses it as the codec's JSON.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import enum
 import logging
@@ -26,6 +27,7 @@ __all__ = [
     "StateListener",
     "StateNotifier",
     "Subscription",
+    "raised_by_callback",
     "validate_subject",
 ]
 
@@ -137,6 +139,19 @@ class StateNotifier:
                 logger.exception("bus state listener failed on %s", state.value)
 
 
+def raised_by_callback(error: BaseException) -> bool:
+    """Return whether `error`, caught around a user callback, is the callback's own.
+
+    A `CancelledError` is the callback's own when the running task is not being
+    cancelled, for example when a hook awaited a future that someone cancelled.
+    Such an error must not end the subscription that called the hook.
+    """
+    if isinstance(error, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is None or task.cancelling() == 0
+    return isinstance(error, Exception)
+
+
 def validate_subject(subject: str, *, pattern: bool = False) -> str:
     """Return `subject` if NATS accepts it for publishing, or as a pattern.
 
@@ -226,7 +241,9 @@ class Channel:
                 return
             try:
                 await handler(subject, message)
-            except Exception:
+            except BaseException as exc:
+                if not raised_by_callback(exc):
+                    raise
                 logger.exception("handler for subject %r failed", subject)
 
         return await self.bus.subscribe(pattern, receive)

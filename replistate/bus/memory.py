@@ -18,6 +18,7 @@ from replistate.bus.base import (
     Handler,
     StateNotifier,
     closed_error,
+    raised_by_callback,
     validate_subject,
 )
 from replistate.codec import DEFAULT_MAX_PAYLOAD
@@ -81,7 +82,9 @@ class _MemorySubscription:
             subject, data = await self._queue.get()
             try:
                 await self._handler(subject, data)
-            except Exception:
+            except BaseException as exc:
+                if not raised_by_callback(exc):
+                    raise
                 logger.exception("handler for subject %r failed", subject)
             finally:
                 self._queue.task_done()

@@ -22,6 +22,7 @@ from replistate.bus.base import (
     Handler,
     StateNotifier,
     closed_error,
+    raised_by_callback,
     validate_subject,
 )
 from replistate.errors import BusError, PayloadTooLargeError
@@ -90,6 +91,12 @@ class NatsBus(StateNotifier):
         return self._client.max_payload
 
     async def connect(self) -> None:
+        if self._client.is_connected:
+            return
+        if self._client.is_closed:
+            # A closed client cannot connect again; a retried start needs a new one.
+            self._client = Client()
+            self._closing = False
         servers = [server.strip() for server in self.url.split(",")]
         try:
             await asyncio.wait_for(
@@ -138,7 +145,9 @@ class NatsBus(StateNotifier):
         async def receive(msg: Msg) -> None:
             try:
                 await handler(msg.subject, msg.data)
-            except Exception:
+            except BaseException as exc:
+                if not raised_by_callback(exc):
+                    raise
                 logger.exception("handler for subject %r failed", msg.subject)
 
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from replistate.codec import converter
-from replistate.errors import InvalidIdError
+from replistate.errors import BusError, InvalidIdError
 from replistate.models import OpState, OpStatus
 from replistate.replica import Replica
 from replistate.service import CancelOutcome
@@ -25,6 +25,7 @@ __all__ = [
 _CANCEL_STATUS = {
     CancelOutcome.ACCEPTED: 202,
     CancelOutcome.TOO_LATE: 409,
+    CancelOutcome.NOT_CANCELLABLE: 409,
     CancelOutcome.UNKNOWN: 404,
 }
 
@@ -98,14 +99,17 @@ async def job_response(replica: Replica, job_id: str) -> tuple[int, dict[str, An
 async def cancel_response(replica: Replica, job_id: str) -> tuple[int, dict[str, Any]]:
     """Request the cancel of `job_id`; return HTTP status and body.
 
-    202 when the cancel was accepted, 409 when the job is already terminal, 404
-    when neither the mirror nor the store has it, and 400 for an id that cannot
-    name a job.
+    202 when the cancel was accepted, 409 when the job is already terminal or
+    cannot be cancelled, 404 when neither the mirror nor the store has it, 400
+    for an id that cannot name a job, and 503 when the request could not be
+    sent to the replica running the job.
     """
     try:
         outcome = await replica.operations.cancel(job_id)
     except InvalidIdError as exc:
         return 400, {"error": str(exc)}
+    except BusError as exc:
+        return 503, {"jobID": job_id, "error": str(exc)}
     return _CANCEL_STATUS[outcome], {"jobID": job_id, "outcome": outcome.value}
 
 

@@ -62,9 +62,14 @@ class GalleryStore(Protocol):
         ...
 
     async def list_active(
-        self, window: timedelta = ACTIVE_WINDOW
+        self, window: timedelta = ACTIVE_WINDOW, *, include_failed: bool = False
     ) -> list[OperationRecord]:
-        """Return the non-terminal rows updated within `window` of now."""
+        """Return the non-terminal rows updated within `window` of now.
+
+        With `include_failed`, failed rows updated within the window are returned
+        too: replicas keep listing a failure with its error, so a replica that
+        starts later must list it as well.
+        """
         ...
 
     async def cleanup(self, older_than: timedelta) -> int:

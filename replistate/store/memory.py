@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import attrs
 
-from replistate.models import TERMINAL_STATES, OperationRecord, OpStatus
+from replistate.models import TERMINAL_STATES, OperationRecord, OpState, OpStatus
 from replistate.store.base import ACTIVE_WINDOW
 
 __all__ = ["InMemoryStore"]
@@ -94,14 +94,17 @@ class InMemoryStore:
         return self.rows.get(job_id)
 
     async def list_active(
-        self, window: timedelta = ACTIVE_WINDOW
+        self, window: timedelta = ACTIVE_WINDOW, *, include_failed: bool = False
     ) -> list[OperationRecord]:
         since = self.clock() - window
         return sorted(
             (
                 row
                 for row in self.rows.values()
-                if row.status not in TERMINAL_STATES
+                if (
+                    row.status not in TERMINAL_STATES
+                    or (include_failed and row.status is OpState.FAILED)
+                )
                 and row.updated_at is not None
                 and row.updated_at >= since
             ),

@@ -8,6 +8,7 @@ quoted as an identifier.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from datetime import timedelta
 from typing import Any
@@ -121,7 +122,8 @@ _LIST_ACTIVE = (
     "SELECT"
     + _COLUMNS
     + """FROM {table}
-WHERE status <> ALL(%(terminal)s) AND updated_at >= now() - %(window)s
+WHERE (status <> ALL(%(terminal)s) OR (%(include_failed)s AND status = 'failed'))
+    AND updated_at >= now() - %(window)s
 ORDER BY created_at, id"""
 )
 
@@ -132,17 +134,29 @@ WHERE status = ANY(%(terminal)s) AND updated_at < now() - %(older_than)s
 
 
 def _record(row: dict[str, Any]) -> OperationRecord:
+    """Build a record from a row, reading values other writers may leave.
+
+    A status this module does not write, such as ``queued``, is read as pending,
+    so one odd row never stops a replica from starting; it is logged.
+    """
     try:
         op_type = OpType(row["op_type"])
     except ValueError:
         op_type = OpType.INSTALL
-    return OperationRecord(
-        **{
-            **row,
-            "op_type": op_type,
-            "status": OpState(row["status"]),
-        }
-    )
+    try:
+        status = OpState(row["status"])
+    except ValueError:
+        logger.warning(
+            "job %r has unknown status %r in the store: read as pending",
+            row["id"],
+            row["status"],
+        )
+        status = OpState.PENDING
+    return OperationRecord(**{**row, "op_type": op_type, "status": status})
+
+
+MAX_IDENTIFIER_BYTES = 63
+"""Longest identifier PostgreSQL keeps; it silently cuts longer ones."""
 
 
 class PostgresGalleryStore:
@@ -168,8 +182,17 @@ class PostgresGalleryStore:
         self.conninfo = conninfo
         self.table = table
         self.timeout = timeout
-        self._table = sql.Identifier(*table.split("."))
-        self._index = sql.Identifier(f"{table.split('.')[-1]}_active_idx")
+        names = table.split(".")
+        for name in names:
+            if not name or len(name.encode()) > MAX_IDENTIFIER_BYTES:
+                raise ValueError(
+                    f"invalid table name {table!r}: each part must be 1 to "
+                    f"{MAX_IDENTIFIER_BYTES} bytes, as PostgreSQL cuts longer names"
+                )
+        self._table = sql.Identifier(*names)
+        # A digest keeps the index name unique and short, whatever the table name.
+        digest = hashlib.sha1(table.encode()).hexdigest()[:12]
+        self._index = sql.Identifier(f"replistate_active_{digest}")
         self._pool = psycopg_pool.AsyncConnectionPool(
             conninfo,
             min_size=min_size,
@@ -255,11 +278,14 @@ class PostgresGalleryStore:
         return _record(rows[0]) if rows else None
 
     async def list_active(
-        self, window: timedelta = ACTIVE_WINDOW
+        self, window: timedelta = ACTIVE_WINDOW, *, include_failed: bool = False
     ) -> list[OperationRecord]:
-        rows = await self._fetch(
-            "list_active", _LIST_ACTIVE, {"terminal": _TERMINAL, "window": window}
-        )
+        params = {
+            "terminal": _TERMINAL,
+            "window": window,
+            "include_failed": include_failed,
+        }
+        rows = await self._fetch("list_active", _LIST_ACTIVE, params)
         return [_record(row) for row in rows]
 
     async def cleanup(self, older_than: timedelta) -> int:
