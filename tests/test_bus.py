@@ -14,7 +14,7 @@ from replistate.models import OpStatus
 
 from .conftest import BusFactory
 
-TIMEOUT = 5.0
+TIMEOUT = 10.0
 
 
 class Inbox:
