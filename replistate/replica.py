@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from types import TracebackType
 from typing import Any
@@ -28,6 +29,7 @@ from replistate.codec import (
     ProgressMessage,
 )
 from replistate.errors import DecodeError, NotStartedError
+from replistate.housekeeping import Housekeeper
 from replistate.opcache import OpCache, OpCacheEntry
 from replistate.resync import Resyncer
 from replistate.service import InvalidationHook, OperationsService
@@ -63,6 +65,12 @@ class ReplicaConfig:
         create_schema: whether `start` creates the store's table if missing.
         write_interval: seconds between two progress writes of one operation to
             the store; start and terminal writes are not delayed.
+        lease: how long the lease on an owned operation lasts; the owner renews
+            it every third of that. Once it expires, a peer ends the operation
+            as failed because its owner was lost.
+        reap_interval: seconds between two searches for such orphans.
+        retention: seconds a finished operation stays in memory.
+        history_size: how many recent results `operations.history` keeps.
         stop_grace_period: seconds `stop` gives owned work to end after its
             cancel; work still running then is marked failed and left behind.
         resync_interval: seconds between periodic resyncs with the store, None
@@ -78,6 +86,10 @@ class ReplicaConfig:
     create_schema: bool = True
     write_interval: float = 0.5
     resync_interval: float | None = 30.0
+    lease: timedelta = timedelta(seconds=15)
+    reap_interval: float = 5.0
+    retention: float = 300.0
+    history_size: int = 1000
     stop_grace_period: float = 5.0
 
 
@@ -139,7 +151,17 @@ class Replica:
             channel=self.channel,
             store=store,
             write_interval=self.config.write_interval,
+            history_size=self.config.history_size,
         )
+        self.housekeeper = Housekeeper(
+            replica_id=self.config.replica_id,
+            operations=self.operations,
+            store=store,
+            lease=self.config.lease,
+            reap_interval=self.config.reap_interval,
+            retention=self.config.retention,
+        )
+        self._background: set[asyncio.Task[Any]] = set()
         self.resyncer = (
             Resyncer(
                 store=store,
@@ -239,12 +261,16 @@ class Replica:
                 f"version gap on job {job_id}"
             )
             resyncer.start()
+        self.housekeeper.start()
         return count
 
     async def _close(self) -> None:
         self._hydrated = False
         self._buffer.clear()
         self._buffering = False
+        await self.housekeeper.stop()
+        for task in list(self._background):
+            task.cancel()
         if self.resyncer is not None:
             await self.resyncer.stop()
         if self.operations.writer is not None:
@@ -399,3 +425,21 @@ class Replica:
             if self.resyncer is not None:
                 # Whatever was published while disconnected is in the store.
                 self.resyncer.request("bus reconnect")
+            if self.store is not None:
+                self._spawn(self.housekeeper.check_cancel_intents())
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, object]) -> None:
+        """Run `coroutine` in a task the replica keeps until it ends."""
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+
+        def finished(done: asyncio.Task[Any]) -> None:
+            self._background.discard(done)
+            if not done.cancelled() and done.exception() is not None:
+                logger.error(
+                    "background task of replica %r failed",
+                    self.replica_id,
+                    exc_info=done.exception(),
+                )
+
+        task.add_done_callback(finished)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from replistate.errors import NotStartedError, OperationConflictError
+from replistate.errors import NotStartedError, OperationConflictError, StoreError
 from replistate.models import NodeProgress, OpStatus, OpType
 from replistate.opcache import OpCacheEntry
 from replistate.subjects import validate_job_id
@@ -166,6 +166,8 @@ class OperationRunner:
         try:
             # The queued status and the OpCache entry go out before any progress.
             await handle._admitted.wait()
+            if not handle._cancel_requested:
+                await self._check_stored_cancel(handle)
             if handle._cancel_requested:
                 # Cancelled while queued: the work never starts.
                 raise asyncio.CancelledError
@@ -189,6 +191,21 @@ class OperationRunner:
         if failure is not None and not isinstance(failure, Exception):
             # KeyboardInterrupt and SystemExit go on once the status is written.
             raise failure
+
+    async def _check_stored_cancel(self, handle: OperationHandle) -> None:
+        store = self.service.store
+        if store is None:
+            return
+        try:
+            row = await store.get(handle.job_id)
+        except StoreError as exc:
+            logger.warning(
+                "stored cancel intent of job %r not read: %s", handle.job_id, exc
+            )
+            return
+        if row is not None and row.cancel_requested:
+            logger.info("job %r was cancelled before it started", handle.job_id)
+            handle._cancel_requested = True
 
     async def _finish(
         self,

@@ -17,6 +17,7 @@ import collections
 import enum
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import attrs
@@ -76,6 +77,7 @@ class OperationsService:
         store: the durable store, or None in standalone mode.
         write_interval: seconds between two progress writes of one job to the
             store; start and terminal writes are not delayed.
+        history_size: how many recent terminal results `history` keeps.
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class OperationsService:
         channel: Channel | None = None,
         store: GalleryStore | None = None,
         write_interval: float = 0.5,
+        history_size: int = 1000,
     ) -> None:
         self.replica_id = replica_id
         self.subjects = subjects
@@ -104,6 +107,11 @@ class OperationsService:
         self._cancel_functions: dict[str, CancelFunction] = {}
         self._model_hooks: list[InvalidationHook] = []
         self._backend_hooks: list[InvalidationHook] = []
+        self._terminal_since: dict[str, float] = {}
+        self.history: collections.deque[tuple[str, OpStatus]] = collections.deque(
+            maxlen=history_size
+        )
+        """The most recent jobs to reach a terminal state, oldest first."""
         self._seen_invalidations: collections.OrderedDict[
             tuple[str, str | None, str | None, OpType | None, int], None
         ] = collections.OrderedDict()
@@ -194,15 +202,28 @@ class OperationsService:
         held = self._held.get(job_id)
         if held is not None and held.status.state is stored.status:
             return
-        winner = stored.to_status()
-        version = max(held.version or 0 if held else 0, stored.version) + 1
-        status = held.status.merged_with(winner) if held else winner
-        self._held[job_id] = _MirroredStatus(status, version)
         logger.warning(
             "terminal state of job %r lost the race to the stored %s",
             job_id,
             stored.status.value,
         )
+        await self.adopt_stored(stored)
+
+    async def adopt_stored(self, stored: OperationRecord) -> OpStatus:
+        """Hold and publish the terminal state the store decided for a job.
+
+        The state is published with a version above every one this replica saw,
+        because progress ticks may have gone out with versions the coalesced store
+        never recorded, and peers must not take the decision for a stale message.
+        Returns the status now held.
+        """
+        job_id = stored.id
+        held = self._held.get(job_id)
+        decided = stored.to_status()
+        version = max(held.version or 0 if held else 0, stored.version) + 1
+        status = held.status.merged_with(decided) if held else decided
+        self._held[job_id] = _MirroredStatus(status, version)
+        self._note_terminal(job_id, status)
         if self.channel is not None:
             message = ProgressMessage(
                 job_id=job_id, status=status, origin=self.replica_id, version=version
@@ -210,7 +231,8 @@ class OperationsService:
             try:
                 await self.channel.publish(self.subjects.progress(job_id), message)
             except (BusError, CodecError) as exc:
-                logger.warning("winner of job %r not published: %s", job_id, exc)
+                logger.warning("stored state of job %r not published: %s", job_id, exc)
+        return status
 
     async def update_node(self, job_id: str, node: NodeProgress) -> OpStatus:
         """Apply one node's progress to the status of `job_id` and write it.
@@ -264,6 +286,7 @@ class OperationsService:
     def forget(self, job_id: str) -> None:
         """Drop the status of `job_id` from memory."""
         self._held.pop(job_id, None)
+        self._terminal_since.pop(job_id, None)
 
     def _apply(self, job_id: str, status: OpStatus, version: int | None) -> bool:
         held = self._held.get(job_id)
@@ -281,7 +304,30 @@ class OperationsService:
                 # A peer without versions must not reset the ordering of the job.
                 version = held.version
         self._held[job_id] = _MirroredStatus(status, version)
+        self._note_terminal(job_id, status)
         return True
+
+    def _note_terminal(self, job_id: str, status: OpStatus) -> None:
+        if status.terminal and job_id not in self._terminal_since:
+            self._terminal_since[job_id] = time.monotonic()
+            self.history.append((job_id, status))
+
+    def prune(self, retention: float) -> int:
+        """Drop jobs terminal for more than `retention` seconds; return how many.
+
+        Their OpCache entries go too, so a failure stops being listed once it is
+        that old. `history` keeps the most recent results, and a read of a pruned
+        job still finds it in the store.
+        """
+        deadline = time.monotonic() - retention
+        expired = [
+            job_id for job_id, since in self._terminal_since.items() if since < deadline
+        ]
+        for job_id in expired:
+            del self._terminal_since[job_id]
+            self._held.pop(job_id, None)
+            self.opcache.discard(job_id)
+        return len(expired)
 
     # Cancel -----------------------------------------------------------------
 
@@ -323,6 +369,17 @@ class OperationsService:
             return CancelOutcome.NOT_CANCELLABLE
         if self.channel is None:
             return CancelOutcome.UNKNOWN
+        if self.store is not None:
+            # Stored first: an owner that misses the message finds it on
+            # reconnect, and the reaper finishes the cancel of an orphan.
+            try:
+                await self.store.request_cancel(job_id)
+            except StoreError as exc:
+                logger.warning(
+                    "cancel intent of job %r not stored, sent on the bus only: %s",
+                    job_id,
+                    exc,
+                )
         message = CancelMessage(
             id=job_id, origin=self.replica_id, version=self.version_of(job_id)
         )
@@ -345,6 +402,10 @@ class OperationsService:
                 "cancel of job %r received from replica %r", job_id, message.origin
             )
             await self._run_cancel(job_id)
+
+    async def cancel_owned(self, job_id: str) -> None:
+        """Run the cancel function of `job_id` if it is registered here."""
+        await self._run_cancel(job_id)
 
     async def _run_cancel(self, job_id: str) -> None:
         cancel = self._cancel_functions.get(job_id)

@@ -127,7 +127,8 @@ async def test_late_replica_hydrates(make_replica: ReplicaFactory) -> None:
     await eventually(
         lambda: (a.operations.get_status(job_id) or OpStatus()).progress == 50
     )
-    await asyncio.sleep(0.05)
+    assert a.operations.writer is not None
+    await a.operations.writer.flush()
 
     c = await make_replica("c")
 

@@ -326,3 +326,97 @@ async def test_postgres_unreachable_raises() -> None:
 
     with pytest.raises(StoreError, match="cannot connect to PostgreSQL"):
         await store.open()
+
+
+ORPHAN = "owner {owner} lost"
+
+
+async def test_renew_leases_only_own_running_rows(store_case: StoreUnderTest) -> None:
+    store = store_case.store
+    await store.save_status("mine", OpStatus(progress=5), version=1, frontend_id="a")
+    await store.save_status("theirs", OpStatus(progress=5), version=1, frontend_id="b")
+    await store.save_status(
+        "done", OpStatus(processed=True), version=1, frontend_id="a"
+    )
+
+    renewed = await store.renew_leases(
+        "a", ["mine", "theirs", "done", "missing"], timedelta(seconds=30)
+    )
+
+    assert renewed == 1
+    leases = {}
+    for job_id in ("mine", "theirs", "done"):
+        row = await store.get(job_id)
+        assert row is not None
+        leases[job_id] = row.lease_expires_at
+    assert leases["mine"] is not None
+    assert leases["theirs"] is None
+    assert leases["done"] is None
+
+
+async def test_reap_orphans_ends_expired_leases(store_case: StoreUnderTest) -> None:
+    store = store_case.store
+    for job_id in ("expired", "cancel-me", "alive", "no-lease"):
+        await store.save_status(
+            job_id, OpStatus(progress=5), version=3, frontend_id="a"
+        )
+    await store.renew_leases("a", ["expired", "cancel-me"], timedelta(seconds=-1))
+    await store.renew_leases("a", ["alive"], timedelta(hours=1))
+    await store.request_cancel("cancel-me")
+
+    reaped = await store.reap_orphans(ORPHAN)
+    again = await store.reap_orphans(ORPHAN)
+
+    by_id = {row.id: row for row in reaped}
+    assert sorted(by_id) == ["cancel-me", "expired"]
+    assert by_id["expired"].status is OpState.FAILED
+    assert by_id["expired"].error == "owner a lost"
+    assert by_id["expired"].version == 4
+    assert by_id["cancel-me"].status is OpState.CANCELLED
+    assert again == []
+    alive = await store.get("alive")
+    assert alive is not None
+    assert alive.status is OpState.DOWNLOADING
+
+
+async def test_concurrent_reapers_end_each_once(
+    postgres_url: str, table_name: str
+) -> None:
+    """Of several replicas reaping at once, each orphan is ended by one."""
+    stores = [PostgresGalleryStore(postgres_url, table=table_name) for _ in range(3)]
+    for store in stores:
+        await store.open()
+    try:
+        await stores[0].ensure_schema()
+        jobs = [f"job-{index}" for index in range(30)]
+        for job_id in jobs:
+            await stores[0].save_status(
+                job_id, OpStatus(progress=1), version=1, frontend_id="dead"
+            )
+        await stores[0].renew_leases("dead", jobs, timedelta(seconds=-1))
+
+        results = await asyncio.gather(
+            *(store.reap_orphans(ORPHAN) for store in stores)
+        )
+
+        reaped = [row.id for rows in results for row in rows]
+        assert sorted(reaped) == sorted(jobs)
+    finally:
+        for store in stores:
+            await store.close()
+        await drop_table(postgres_url, table_name)
+
+
+async def test_request_cancel_stores_intent(store_case: StoreUnderTest) -> None:
+    store = store_case.store
+    await store.save_status("job-1", OpStatus(progress=5), version=1)
+
+    row = await store.request_cancel("job-1")
+    missing = await store.request_cancel("missing")
+
+    assert row is not None
+    assert row.cancel_requested is True
+    assert missing is None
+    stored = await store.get("job-1")
+    assert stored is not None
+    assert stored.cancel_requested is True

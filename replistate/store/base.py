@@ -75,3 +75,31 @@ class GalleryStore(Protocol):
     async def cleanup(self, older_than: timedelta) -> int:
         """Delete terminal rows not updated for `older_than`; return how many."""
         ...
+
+    async def renew_leases(
+        self, frontend_id: str, job_ids: list[str], lease: timedelta
+    ) -> int:
+        """Extend to now plus `lease` the leases of the jobs `frontend_id` owns.
+
+        Only non-terminal rows owned by `frontend_id` are renewed. Returns how
+        many rows were.
+        """
+        ...
+
+    async def reap_orphans(self, error: str) -> list[OperationRecord]:
+        """End every non-terminal job whose owner's lease has expired.
+
+        A job with a stored cancel request ends cancelled, any other ends failed
+        with `error`, which may contain ``{owner}`` for the owner's id. The
+        update is conditional, so when several replicas reap at once each job is
+        ended by exactly one of them: the returned rows are those this call
+        ended, with their new version. Rows without a lease are never reaped.
+        """
+        ...
+
+    async def request_cancel(self, job_id: str) -> OperationRecord | None:
+        """Store the intent to cancel `job_id`; return its row, or None if absent.
+
+        The intent is stored on terminal rows too, where it has no effect.
+        """
+        ...

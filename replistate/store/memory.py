@@ -111,6 +111,53 @@ class InMemoryStore:
             key=lambda row: (row.created_at or since, row.id),
         )
 
+    async def renew_leases(
+        self, frontend_id: str, job_ids: list[str], lease: timedelta
+    ) -> int:
+        until = self.clock() + lease
+        renewed = 0
+        for job_id in job_ids:
+            row = self.rows.get(job_id)
+            if (
+                row is not None
+                and row.frontend_id == frontend_id
+                and row.status not in TERMINAL_STATES
+            ):
+                self.rows[job_id] = attrs.evolve(row, lease_expires_at=until)
+                renewed += 1
+        return renewed
+
+    async def reap_orphans(self, error: str) -> list[OperationRecord]:
+        now = self.clock()
+        reaped = []
+        for job_id, row in list(self.rows.items()):
+            if (
+                row.status in TERMINAL_STATES
+                or row.lease_expires_at is None
+                or row.lease_expires_at >= now
+            ):
+                continue
+            if row.cancel_requested:
+                ended = attrs.evolve(row, status=OpState.CANCELLED, cancellable=False)
+            else:
+                ended = attrs.evolve(
+                    row,
+                    status=OpState.FAILED,
+                    error=error.format(owner=row.frontend_id),
+                    cancellable=False,
+                )
+            ended = attrs.evolve(ended, version=row.version + 1, updated_at=now)
+            self.rows[job_id] = ended
+            reaped.append(ended)
+        return reaped
+
+    async def request_cancel(self, job_id: str) -> OperationRecord | None:
+        row = self.rows.get(job_id)
+        if row is None:
+            return None
+        self.rows[job_id] = attrs.evolve(row, cancel_requested=True)
+        return self.rows[job_id]
+
     async def cleanup(self, older_than: timedelta) -> int:
         before = self.clock() - older_than
         stale = [

@@ -133,6 +133,33 @@ WHERE status = ANY(%(terminal)s) AND updated_at < now() - %(older_than)s
 """
 
 
+_RENEW_LEASES = """
+UPDATE {table} SET lease_expires_at = now() + %(lease)s
+WHERE id = ANY(%(ids)s) AND frontend_id = %(frontend_id)s
+    AND status <> ALL(%(terminal)s)
+"""
+
+# The WHERE clause is evaluated again on the locked row, so of several reapers
+# running at once, only the first ends each job; the others match nothing.
+_REAP_ORPHANS = (
+    """
+UPDATE {table} SET
+    status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'failed' END,
+    error = CASE WHEN cancel_requested THEN error
+        ELSE replace(%(error)s, '{{owner}}', frontend_id) END,
+    cancellable = false,
+    version = version + 1,
+    updated_at = now()
+WHERE status <> ALL(%(terminal)s) AND lease_expires_at < now()
+RETURNING"""
+    + _COLUMNS
+)
+
+_REQUEST_CANCEL = (
+    "UPDATE {table} SET cancel_requested = true WHERE id = %(id)s RETURNING" + _COLUMNS
+)
+
+
 def _record(row: dict[str, Any]) -> OperationRecord:
     """Build a record from a row, reading values other writers may leave.
 
@@ -292,6 +319,28 @@ class PostgresGalleryStore:
         return await self._execute(
             "cleanup", _CLEANUP, {"terminal": _TERMINAL, "older_than": older_than}
         )
+
+    async def renew_leases(
+        self, frontend_id: str, job_ids: list[str], lease: timedelta
+    ) -> int:
+        if not job_ids:
+            return 0
+        params = {
+            "ids": job_ids,
+            "frontend_id": frontend_id,
+            "lease": lease,
+            "terminal": _TERMINAL,
+        }
+        return await self._execute("renew_leases", _RENEW_LEASES, params)
+
+    async def reap_orphans(self, error: str) -> list[OperationRecord]:
+        params = {"error": error, "terminal": _TERMINAL}
+        rows = await self._fetch("reap_orphans", _REAP_ORPHANS, params)
+        return [_record(row) for row in rows]
+
+    async def request_cancel(self, job_id: str) -> OperationRecord | None:
+        rows = await self._fetch("request_cancel", _REQUEST_CANCEL, {"id": job_id})
+        return _record(rows[0]) if rows else None
 
     def _statement(self, name: str, template: str) -> sql.Composed:
         statement = self._statements.get(name)

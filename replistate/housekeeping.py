@@ -1,0 +1,146 @@
+"""A replica's periodic duties: leases, orphans, cancel intents and retention.
+
+The owner of an operation renews a lease on its row on its own timer, whatever the
+work is doing, so a long silent phase never looks like death. Every replica reaps
+on a period: the store ends each job whose lease expired, in one conditional
+update, so when several replicas reap at once each orphan is ended by one of them,
+which publishes the result. A job with a stored cancel request ends cancelled, any
+other fails with an error naming the lost owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import timedelta
+
+from replistate.errors import StoreError
+from replistate.models import OperationRecord, OpState
+from replistate.service import OperationsService
+from replistate.store.base import GalleryStore
+
+__all__ = ["ORPHAN_ERROR", "Housekeeper"]
+
+logger = logging.getLogger(__name__)
+
+ORPHAN_ERROR = (
+    "owner replica {owner} was lost: its lease expired before the operation finished"
+)
+"""Error of a job whose owner stopped renewing its lease; `{owner}` is its id."""
+
+
+class Housekeeper:
+    """Runs lease renewal, orphan reaping and retention on their periods.
+
+    Args:
+        replica_id: this replica's id, the owner named on its rows.
+        operations: the replica's statuses and owned operations.
+        store: the durable store, or None in standalone mode, where only the
+            retention runs.
+        lease: how long a renewed lease lasts; it is renewed every third of it.
+        reap_interval: seconds between two searches for orphans.
+        retention: seconds a terminal job stays in memory.
+    """
+
+    def __init__(
+        self,
+        *,
+        replica_id: str,
+        operations: OperationsService,
+        store: GalleryStore | None,
+        lease: timedelta,
+        reap_interval: float,
+        retention: float,
+    ) -> None:
+        self.replica_id = replica_id
+        self.operations = operations
+        self.store = store
+        self.lease = lease
+        self.reap_interval = reap_interval
+        self.retention = retention
+        self.reaped = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the background task."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="replistate upkeep")
+
+    async def stop(self) -> None:
+        """Stop the background task."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def renew(self) -> int:
+        """Renew the leases of the jobs this replica runs; return how many."""
+        owned = self.operations.owned_jobs
+        if self.store is None or not owned:
+            return 0
+        return await self.store.renew_leases(self.replica_id, owned, self.lease)
+
+    async def reap(self) -> list[OperationRecord]:
+        """End the jobs whose owner's lease expired; return those this call ended.
+
+        Each is held and published with a version above any seen, and a cancelled
+        one leaves the OpCache as a live cancel would.
+        """
+        if self.store is None:
+            return []
+        rows = await self.store.reap_orphans(ORPHAN_ERROR)
+        for row in rows:
+            self.reaped += 1
+            logger.warning(
+                "job %r of lost owner %r ended as %s",
+                row.id,
+                row.frontend_id,
+                row.status.value,
+            )
+            await self.operations.adopt_stored(row)
+            if row.status is OpState.CANCELLED:
+                await self.operations.opcache.delete_job(
+                    row.id, version=self.operations.version_of(row.id)
+                )
+        return rows
+
+    async def check_cancel_intents(self) -> int:
+        """Cancel the owned jobs whose cancel request is stored; return how many.
+
+        A cancel published while this replica was disconnected is found this way.
+        """
+        if self.store is None:
+            return 0
+        cancelled = 0
+        for job_id in self.operations.owned_jobs:
+            row = await self.store.get(job_id)
+            if row is not None and row.cancel_requested:
+                logger.info("stored cancel request found for job %r", job_id)
+                await self.operations.cancel_owned(job_id)
+                cancelled += 1
+        return cancelled
+
+    async def _run(self) -> None:
+        renew_every = self.lease.total_seconds() / 3
+        tick = min(1.0, renew_every, self.reap_interval)
+        last_renew = last_reap = time.monotonic()
+        leased: set[str] = set()
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            self.operations.prune(self.retention)
+            try:
+                owned = set(self.operations.owned_jobs)
+                # A new job gets its first lease at the next tick, not a period on.
+                if now - last_renew >= renew_every or owned - leased:
+                    last_renew = now
+                    await self.renew()
+                    leased = owned
+                if now - last_reap >= self.reap_interval:
+                    last_reap = now
+                    await self.reap()
+            except StoreError as exc:
+                logger.warning("lease renewal or reaping failed: %s", exc)
