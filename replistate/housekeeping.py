@@ -83,6 +83,20 @@ class Housekeeper:
             return 0
         return await self.store.renew_leases(self.replica_id, owned, self.lease)
 
+    async def lease_job(self, job_id: str) -> None:
+        """Give a newly admitted job its first lease at once.
+
+        Without it, an owner that dies before its first renewal would leave a
+        job that no reaper ever ends. A failure is logged and the next periodic
+        renewal tries again.
+        """
+        if self.store is None:
+            return
+        try:
+            await self.store.renew_leases(self.replica_id, [job_id], self.lease)
+        except StoreError as exc:
+            logger.warning("first lease of job %r not stored: %s", job_id, exc)
+
     async def reap(self) -> list[OperationRecord]:
         """End the jobs whose owner's lease expired; return those this call ended.
 

@@ -63,6 +63,8 @@ class ReplicaConfig:
         max_payload: largest payload sent or accepted, in bytes; the bus's own
             limit when None.
         create_schema: whether `start` creates the store's table if missing.
+        write_retry_max: longest wait between two retries of a failed store
+            write, in seconds.
         write_interval: seconds between two progress writes of one operation to
             the store; start and terminal writes are not delayed.
         lease: how long the lease on an owned operation lasts; the owner renews
@@ -85,6 +87,7 @@ class ReplicaConfig:
     max_payload: int | None = None
     create_schema: bool = True
     write_interval: float = 0.5
+    write_retry_max: float = 5.0
     resync_interval: float | None = 30.0
     lease: timedelta = timedelta(seconds=15)
     reap_interval: float = 5.0
@@ -151,6 +154,7 @@ class Replica:
             channel=self.channel,
             store=store,
             write_interval=self.config.write_interval,
+            write_retry_max=self.config.write_retry_max,
             history_size=self.config.history_size,
         )
         self.housekeeper = Housekeeper(
@@ -161,6 +165,7 @@ class Replica:
             reap_interval=self.config.reap_interval,
             retention=self.config.retention,
         )
+        self.operations.runner.on_admitted = self.housekeeper.lease_job
         self._background: set[asyncio.Task[Any]] = set()
         self.resyncer = (
             Resyncer(
@@ -274,7 +279,7 @@ class Replica:
         if self.resyncer is not None:
             await self.resyncer.stop()
         if self.operations.writer is not None:
-            await self.operations.writer.stop()
+            await self.operations.writer.stop(self.config.stop_grace_period)
         for subscription in self._subscriptions:
             await subscription.unsubscribe()
         self._subscriptions.clear()

@@ -10,7 +10,10 @@ writer updates, and repairs the mirror:
   and fires the hooks a live end event would: an install that completed while the
   replica was away reloads its models;
 - a job held as running that the store no longer lists, because it was cleaned up
-  or went stale, is dropped, so nothing shows running forever.
+  or went stale, is dropped, so nothing shows running forever;
+- a job held as terminal that the store still lists as running is written to the
+  store, because the replica that knew the end may have lost the write; the
+  store's conditional update still decides between two terminal states.
 
 `Resyncer` runs one resync at a time: requests made during a run cause one more
 run after it, never several.
@@ -124,7 +127,19 @@ class Resyncer:
         changed = 0
         active = {row.id for row in rows}
         for row in rows:
-            if self.operations.restore(row.id, row.to_status(), row.version):
+            held_status = self.operations.get_status(row.id)
+            if (
+                held_status is not None
+                and held_status.terminal
+                and not row.status.terminal
+            ):
+                # The store missed the end, for example because the owner
+                # stopped while the store was down: this replica knows it.
+                await self.operations.repair(row.id)
+                changed += 1
+            elif self.operations.restore(
+                row.id, row.to_status(), row.version, final=row.status.terminal
+            ):
                 changed += 1
             if row.cache_key:
                 self.opcache.restore(

@@ -43,6 +43,8 @@ class OperationRunner:
     def __init__(self, service: OperationsService) -> None:
         self.service = service
         self.accepting = False
+        self.on_admitted: Callable[[str], Awaitable[None]] | None = None
+        """Called with the job id once the OpCache entry is written."""
         self._tasks: dict[str, tuple[asyncio.Task[None], OperationHandle]] = {}
         self._stop_reasons: dict[str, str] = {}
 
@@ -116,6 +118,8 @@ class OperationRunner:
             op_type=op_type,
             version=service.version_of(job_id),
         )
+        if self.on_admitted is not None:
+            await self.on_admitted(job_id)
         handle._admitted.set()
         return job_id
 

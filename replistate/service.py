@@ -77,6 +77,8 @@ class OperationsService:
         store: the durable store, or None in standalone mode.
         write_interval: seconds between two progress writes of one job to the
             store; start and terminal writes are not delayed.
+        write_retry_max: longest wait between two retries of a failed store
+            write, in seconds.
         history_size: how many recent terminal results `history` keeps.
     """
 
@@ -89,6 +91,7 @@ class OperationsService:
         channel: Channel | None = None,
         store: GalleryStore | None = None,
         write_interval: float = 0.5,
+        write_retry_max: float = 5.0,
         history_size: int = 1000,
     ) -> None:
         self.replica_id = replica_id
@@ -98,7 +101,10 @@ class OperationsService:
         self.store = store
         self.writer = (
             StoreWriter(
-                store, interval=write_interval, on_rejected=self._on_write_rejected
+                store,
+                interval=write_interval,
+                max_backoff=write_retry_max,
+                on_rejected=self._on_write_rejected,
             )
             if store is not None
             else None
@@ -208,6 +214,48 @@ class OperationsService:
             stored.status.value,
         )
         await self.adopt_stored(stored)
+
+    async def repair(self, job_id: str) -> None:
+        """Write the held terminal state of `job_id` to the store and publish it.
+
+        Used when the store still lists as running a job this replica holds as
+        ended. The write is conditional: when the store already ended the job
+        otherwise, that state is adopted instead.
+
+        Raises:
+            StoreError: the store cannot be written.
+        """
+        held = self._held.get(job_id)
+        if held is None or not held.status.terminal or self.store is None:
+            return
+        version = held.version or 0
+        applied = await self.store.save_status(job_id, held.status, version=version)
+        if not applied:
+            stored = await self.store.get(job_id)
+            if stored is not None and stored.status.terminal:
+                await self._on_write_rejected(job_id, stored)
+                return
+            # The store holds a higher version that is not terminal: write the end
+            # above it, since a terminal state must never be lost.
+            version = (stored.version if stored else version) + 1
+            self._held[job_id] = _MirroredStatus(held.status, version)
+            await self.store.save_status(job_id, held.status, version=version)
+        logger.warning(
+            "job %r ended as %s but the store listed it running: written",
+            job_id,
+            held.status.state.value,
+        )
+        if self.channel is not None:
+            message = ProgressMessage(
+                job_id=job_id,
+                status=held.status,
+                origin=self.replica_id,
+                version=self._held[job_id].version,
+            )
+            try:
+                await self.channel.publish(self.subjects.progress(job_id), message)
+            except (BusError, CodecError) as exc:
+                logger.warning("repaired job %r not published: %s", job_id, exc)
 
     async def adopt_stored(self, stored: OperationRecord) -> OpStatus:
         """Hold and publish the terminal state the store decided for a job.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import attrs
+import pytest
 
 from replistate import (
     InMemoryBus,
@@ -130,7 +131,10 @@ async def test_resync_keeps_failure_listed(cluster: Cluster) -> None:
     assert a.opcache.get("gallery@model-a") == "job-1"
 
 
-async def test_stored_terminal_wins_over_newer_tick(cluster: Cluster) -> None:
+@pytest.mark.parametrize("stored_state", [OpState.CANCELLED, OpState.FAILED])
+async def test_stored_terminal_wins_over_newer_tick(
+    cluster: Cluster, stored_state: OpState
+) -> None:
     """The store decides the terminal state even when the mirror saw a higher
     version of a running status."""
     a = await cluster.add("a")
@@ -139,7 +143,9 @@ async def test_stored_terminal_wins_over_newer_tick(cluster: Cluster) -> None:
     for _ in range(5):
         await a.operations.update_status("job-1", OpStatus(progress=20))
     row = cluster.store.rows["job-1"]
-    cluster.store.rows["job-1"] = attrs.evolve(row, status=OpState.CANCELLED, version=2)
+    cluster.store.rows["job-1"] = attrs.evolve(
+        row, status=stored_state, error="lost", version=2
+    )
     assert a.operations.writer is not None
     await a.operations.writer.stop(grace_period=0)
 
@@ -147,7 +153,7 @@ async def test_stored_terminal_wins_over_newer_tick(cluster: Cluster) -> None:
 
     held = a.operations.get_status("job-1")
     assert held is not None
-    assert held.state is OpState.CANCELLED
+    assert held.state is stored_state
 
 
 async def test_periodic_resync_runs() -> None:
@@ -221,3 +227,28 @@ async def test_nats_restart_resyncs_peer(postgres_url: str, table_name: str) -> 
             for replica in replicas:
                 await replica.stop()
             await drop_table(postgres_url, table_name)
+
+
+async def test_resync_writes_end_the_store_missed(cluster: Cluster) -> None:
+    """A replica that knows a job ended writes it to a store that still lists
+    it running, and peers that missed the end receive it."""
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    await a.operations.update_status("job-1", OpStatus(progress=10))
+    await cluster.settle()
+    stale = cluster.store.rows["job-1"]
+    bus_of(b).disconnect()
+    await a.operations.update_status("job-1", OpStatus(processed=True))
+    await cluster.settle()
+    cluster.store.rows["job-1"] = stale
+    bus_of(b).reconnect()
+    await wait_resynced(b)
+    assert (b.operations.get_status("job-1") or OpStatus()).processed is False
+
+    await a.resync()
+    await cluster.settle()
+
+    assert cluster.store.rows["job-1"].status is OpState.COMPLETED
+    held = b.operations.get_status("job-1")
+    assert held is not None
+    assert held.state is OpState.COMPLETED
