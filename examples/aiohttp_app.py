@@ -30,6 +30,7 @@ import logging
 import signal
 import socket
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from aiohttp import web
@@ -179,7 +180,11 @@ def make_app(settings: argparse.Namespace) -> web.Application:
 
     def make_replica() -> Replica:
         replica = Replica(
-            ReplicaConfig(replica_id=settings.replica_id),
+            ReplicaConfig(
+                replica_id=settings.replica_id,
+                lease=timedelta(seconds=settings.lease_seconds),
+                reap_interval=settings.reap_seconds,
+            ),
             bus=NatsBus(settings.nats_url, name=settings.replica_id),
             store=PostgresGalleryStore(settings.postgres_url, table=settings.table),
         )
@@ -233,6 +238,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--table",
         default="gallery_operations",
         help="PostgreSQL table of the operations (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=15.0,
+        help="lease on an owned install, in seconds; a peer fails the install "
+        "when its owner stops renewing it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--reap-seconds",
+        type=float,
+        default=5.0,
+        help="seconds between two searches for installs whose owner was lost "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--install-seconds",
