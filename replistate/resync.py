@@ -12,8 +12,8 @@ writer updates, and repairs the mirror:
 - a job held as running that the store no longer lists, because it was cleaned up
   or went stale, is dropped, so nothing shows running forever;
 - a job held as terminal that the store still lists as running is written to the
-  store, because the replica that knew the end may have lost the write; the
-  store's conditional update still decides between two terminal states.
+  store, because the replica that ended it may have lost the write. The store's
+  conditional update still decides between two terminal states.
 
 `Resyncer` runs one resync at a time: requests made during a run cause one more
 run after it, never several.
@@ -134,7 +134,7 @@ class Resyncer:
                 and not row.status.terminal
             ):
                 # The store missed the end, for example because the owner
-                # stopped while the store was down: this replica knows it.
+                # stopped while the store was down, but this replica has it.
                 await self.operations.repair(row.id)
                 changed += 1
             elif self.operations.restore(

@@ -2,9 +2,9 @@
 
 The replica that admits an operation runs its work in a task that belongs to the
 replica, not to the web request that asked for it. Whatever way the work ends, the
-runner writes a terminal status: completed when it returns, failed with the error
-text when it raises, cancelled when a cancel request stops it, and failed with the
-reason when the replica stops before it finishes.
+runner writes a terminal status. It is completed when the work returns and failed
+with the error text when it raises. A cancel request makes it cancelled, and a
+replica that stops first makes it failed with the reason.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class OperationRunner:
                 running,
             )
         # Claim the key before the first await, so a second request on this
-        # replica sees it taken.
+        # replica finds it taken.
         service.opcache.restore(OpCacheEntry(cache_key, job_id, is_backend))
 
         queued = OpStatus(
@@ -167,6 +167,7 @@ class OperationRunner:
         handle._started = True
         failure: BaseException | None = None
         cancelled = False
+
         try:
             # The queued status and the OpCache entry go out before any progress.
             await handle._admitted.wait()
@@ -180,6 +181,7 @@ class OperationRunner:
             cancelled = True
         except BaseException as exc:
             failure = exc
+
         # From here on a cancel request has no effect, so the final status is
         # always written whole.
         handle._finished = True
@@ -192,6 +194,7 @@ class OperationRunner:
                 await self._finish(handle, is_backend, failure, cancelled=cancelled)
         finally:
             self._tasks.pop(job_id, None)
+
         if failure is not None and not isinstance(failure, Exception):
             # KeyboardInterrupt and SystemExit go on once the status is written.
             raise failure

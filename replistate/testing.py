@@ -67,7 +67,7 @@ class FaultyBroker(InMemoryBroker):
 
     Faults act per subscription: a message published once may reach one
     subscriber twice and another not at all, as on a real network. Reordering
-    holds a message back until the next one for the same subscription passes it.
+    keeps a message back until the next one for the same subscription passes it.
 
     Args:
         seed: seeds the random choices, so a failing schedule can be replayed.
@@ -231,8 +231,8 @@ class ReplicaCluster:
     async def settle(self, rounds: int = 5) -> None:
         """Wait until every replica handled every message published so far.
 
-        Delayed deliveries are waited for, and store writes flushed when the
-        store is reachable.
+        Delayed deliveries are waited for. Store writes are not: see
+        `flush_writes`.
         """
         for _ in range(rounds):
             if isinstance(self.broker, FaultyBroker):
@@ -266,8 +266,8 @@ class ReplicaCluster:
     def divergences(self) -> list[str]:
         """Describe every way a running replica's mirror differs from the store.
 
-        Only meaningful after `heal`. A job counts when the store holds it and a
-        replica holds it too, or when the store lists it as active.
+        Only meaningful after `heal`. A job counts when both the store and the
+        replica contain it, or when the store lists it as active.
         """
         assert isinstance(self.store, InMemoryStore), "needs the in-memory store"
         problems = []

@@ -101,7 +101,7 @@ class Cluster:
             return response.status, await response.json()
 
     async def job(self, replica: Process, job_id: str) -> dict[str, Any]:
-        """Return the job's status on `replica`, or {} when it cannot answer."""
+        """Return the job's status on `replica`, or {} when the request fails."""
         try:
             status, body = await self.get(replica, f"/api/models/job/{job_id}")
         except (aiohttp.ClientError, TimeoutError):

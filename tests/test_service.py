@@ -543,3 +543,28 @@ async def test_versioned_invalidation_runs_once(cluster: Cluster) -> None:
         await a.operations.handle_invalidation(a.subjects.invalidate_models, message)
 
     assert seen == ["m", "m", "m"]
+
+
+async def test_versionless_status_keeps_ordering(cluster: Cluster) -> None:
+    """A LocalAI peer's status without a version does not reset the version, so
+    a stale versioned message that follows it is still ignored."""
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    for progress in (10, 20, 30):
+        await a.operations.update_status("job-1", OpStatus(progress=progress))
+    await cluster.settle()
+    bus = a.bus
+    assert isinstance(bus, InMemoryBus)
+
+    plain = ProgressMessage(job_id="job-1", status=OpStatus(progress=35))
+    stale = ProgressMessage(
+        job_id="job-1", status=OpStatus(progress=5), origin="x", version=2
+    )
+    await bus.publish(a.subjects.progress("job-1"), encode(plain))
+    await bus.publish(a.subjects.progress("job-1"), encode(stale))
+    await cluster.settle()
+
+    held = b.operations.get_status("job-1")
+    assert held is not None
+    assert held.progress == 35
+    assert b.operations.version_of("job-1") == 3
