@@ -48,6 +48,7 @@ async def test_silent_owner_keeps_its_lease(cluster: Cluster) -> None:
     await add(cluster, "b")
 
     async def quiet(handle: OperationHandle) -> None:
+        # Four leases long, so the job outlives its first lease many times over.
         await asyncio.sleep(1.2)
 
     job_id = await a.operations.start_operation("gallery@m", quiet)
