@@ -124,16 +124,18 @@ class Housekeeper:
     async def check_cancel_intents(self) -> int:
         """Cancel the owned jobs whose cancel request is stored; return how many.
 
-        A cancel published while this replica was disconnected is found this way.
+        A cancel message lost while this replica was disconnected, or dropped by
+        the bus, is found this way: it runs after each reconnect and on every
+        reap period.
         """
-        if self.store is None:
+        owned = self.operations.owned_jobs
+        if self.store is None or not owned:
             return 0
         cancelled = 0
-        for job_id in self.operations.owned_jobs:
-            row = await self.store.get(job_id)
-            if row is not None and row.cancel_requested:
-                logger.info("stored cancel request found for job %r", job_id)
-                await self.operations.cancel_owned(job_id)
+        for row in await self.store.get_many(owned):
+            if row.cancel_requested and row.id in self.operations.owned_jobs:
+                logger.info("stored cancel request found for job %r", row.id)
+                await self.operations.cancel_owned(row.id)
                 cancelled += 1
         return cancelled
 
@@ -141,6 +143,7 @@ class Housekeeper:
         renew_every = self.lease.total_seconds() / 3
         tick = min(1.0, renew_every, self.reap_interval)
         last_renew = last_reap = time.monotonic()
+        store_failed_at = -float("inf")
         leased: set[str] = set()
         while True:
             await asyncio.sleep(tick)
@@ -155,6 +158,11 @@ class Housekeeper:
                     leased = owned
                 if now - last_reap >= self.reap_interval:
                     last_reap = now
-                    await self.reap()
+                    await self.check_cancel_intents()
+                    # Owners could not renew while the store was down: give them
+                    # a whole lease after it returns before taking them as lost.
+                    if now - store_failed_at >= self.lease.total_seconds():
+                        await self.reap()
             except StoreError as exc:
+                store_failed_at = time.monotonic()
                 logger.warning("lease renewal or reaping failed: %s", exc)

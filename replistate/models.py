@@ -74,6 +74,9 @@ carrying a whole HTTP response body would not.
 
 
 def _cut(text: str) -> str:
+    # PostgreSQL text cannot hold NUL, and a write it always rejects would be
+    # retried forever, so NUL becomes the replacement character everywhere.
+    text = text.replace("\x00", "\ufffd")
     if len(text) <= MAX_TEXT_LENGTH:
         return text
     note = f" [cut from {len(text)} characters]"
@@ -144,14 +147,14 @@ class OpStatus:
     """
 
     deletion: bool = False
-    file_name: str = ""
+    file_name: str = attrs.field(default="", converter=_cut)
     error: str | None = attrs.field(default=None, converter=error_text)
     processed: bool = False
     message: str = attrs.field(default="", converter=_cut)
     progress: float = attrs.field(default=0.0, converter=_finite_percent)
-    file_size: str = ""
-    downloaded_size: str = ""
-    gallery_element_name: str = ""
+    file_size: str = attrs.field(default="", converter=_cut)
+    downloaded_size: str = attrs.field(default="", converter=_cut)
+    gallery_element_name: str = attrs.field(default="", converter=_cut)
     cancelled: bool = False
     cancellable: bool = False
     nodes: tuple[NodeProgress, ...] = attrs.field(default=(), converter=_node_tuple)

@@ -183,6 +183,8 @@ class Replica:
         self._remove_listener: Callable[[], None] | None = None
         self._hydrated = False
         self._started = False
+        self._starting = False
+        self._stop_requested = False
         # Messages received while hydrating, applied once the store was read.
         self._buffer: list[tuple[Callable[[str, Any], Awaitable[None]], str, Any]] = []
         self._buffering = False
@@ -211,14 +213,23 @@ class Replica:
             BusError: the bus cannot be reached.
             StoreError: the store cannot be reached.
         """
-        if self._started:
+        if self._started or self._starting:
             return
         began = time.perf_counter()
+        self._starting = True
+        self._stop_requested = False
         try:
             count = await self._open()
         except BaseException:
             await self._close()
             raise
+        finally:
+            self._starting = False
+        if self._stop_requested:
+            # stop() was called while starting: honour it now.
+            await self._close()
+            logger.info("replica %r stopped while starting", self.replica_id)
+            return
         self._started = True
         self.operations.runner.accepting = True
         logger.info(
@@ -232,8 +243,12 @@ class Replica:
         """Stop owned work, unsubscribe, drain and close bus and store.
 
         Operations this replica runs are marked failed, so no peer shows them
-        running forever.
+        running forever. Called while `start` runs, it makes `start` close what
+        it opened and return without starting.
         """
+        if self._starting:
+            self._stop_requested = True
+            return
         if not self._started:
             return
         self._started = False

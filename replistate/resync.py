@@ -29,7 +29,7 @@ from datetime import timedelta
 
 from replistate.codec import InvalidationMessage
 from replistate.errors import StoreError
-from replistate.models import OperationRecord, OpState
+from replistate.models import OperationRecord, OpState, OpStatus
 from replistate.opcache import OpCache, OpCacheEntry
 from replistate.service import OperationsService
 from replistate.store.base import GalleryStore
@@ -123,6 +123,9 @@ class Resyncer:
             StoreError: the store cannot be read; the mirror is left as it was.
         """
         began = time.perf_counter()
+        # Only jobs held before the read can be judged by it: a job admitted while
+        # the query ran is missing from its rows without being gone.
+        held_before = self.operations.statuses()
         rows = await self.store.list_active(self.active_window, include_failed=True)
         changed = 0
         active = {row.id for row in rows}
@@ -146,9 +149,13 @@ class Resyncer:
                     OpCacheEntry(row.cache_key, row.id, row.is_backend_op)
                 )
 
-        held = self.operations.statuses()
-        for job_id, status in held.items():
-            if job_id in active or status.terminal:
+        owned = set(self.operations.owned_jobs)
+        for job_id, status in held_before.items():
+            current = self.operations.get_status(job_id)
+            if job_id in active or job_id in owned or status.terminal:
+                # The owner knows its own jobs better than a stale row does.
+                continue
+            if current is None or current.terminal:
                 continue
             stored = await self.store.get(job_id)
             if stored is None or not stored.status.terminal:
@@ -163,6 +170,8 @@ class Resyncer:
             ):
                 changed += 1
                 await self._ended(stored)
+
+        changed += await self._check_ended(held_before, active)
 
         for entry in self.opcache.entries():
             held_status = self.operations.get_status(entry.job_id)
@@ -183,6 +192,34 @@ class Resyncer:
             changed,
             (time.perf_counter() - began) * 1000,
         )
+        return changed
+
+    async def _check_ended(
+        self, held_before: dict[str, OpStatus], active: set[str]
+    ) -> int:
+        """Align the terminal states held here with those the store decided.
+
+        A replica that missed the message of an overruled end, such as a
+        completion that lost to the reaper, still shows the state it saw.
+        """
+        ended = [
+            job_id
+            for job_id, status in held_before.items()
+            if status.terminal and job_id not in active
+        ]
+        changed = 0
+        for start in range(0, len(ended), 500):
+            for row in await self.store.get_many(ended[start : start + 500]):
+                held = self.operations.get_status(row.id)
+                if (
+                    held is not None
+                    and row.status.terminal
+                    and held.state is not row.status
+                    and self.operations.restore(
+                        row.id, row.to_status(), row.version, final=True
+                    )
+                ):
+                    changed += 1
         return changed
 
     async def _ended(self, row: OperationRecord) -> None:

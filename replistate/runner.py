@@ -90,6 +90,7 @@ class OperationRunner:
         # Claim the key before the first await, so a second request on this
         # replica finds it taken.
         service.opcache.restore(OpCacheEntry(cache_key, job_id, is_backend))
+        service.op_types[job_id] = op_type
 
         queued = OpStatus(
             deletion=op_type is OpType.DELETE,
@@ -153,6 +154,22 @@ class OperationRunner:
                 )
                 self._tasks.pop(handle.job_id, None)
 
+    def abandon(self, job_id: str) -> None:
+        """Stop the work of `job_id` without writing its end.
+
+        Used when the store already decided how the job ended, for example when a
+        peer reaped it while this owner could not renew its lease.
+        """
+        entry = self._tasks.get(job_id)
+        if entry is None:
+            return
+        handle = entry[1]
+        logger.warning("work of job %r stopped: the store already ended it", job_id)
+        handle._abandoned = True
+        handle._request_cancel()
+        handle._finished = True
+        self.service.unregister_cancel(job_id)
+
     def displace(self, job_id: str, reason: str) -> None:
         """Stop the work of `job_id` if it runs here, marking it failed with
         `reason`."""
@@ -181,6 +198,10 @@ class OperationRunner:
             cancelled = True
         except BaseException as exc:
             failure = exc
+
+        if handle._abandoned:
+            self._tasks.pop(job_id, None)
+            return
 
         # From here on a cancel request has no effect, so the final status is
         # always written whole.
@@ -284,6 +305,7 @@ class OperationHandle:
         self._admitted = asyncio.Event()
         self._started = False
         self._finished = False
+        self._abandoned = False
         self._cancel_requested = False
 
     @property

@@ -19,6 +19,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import attrs
 
@@ -44,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 InvalidationHook = Callable[[InvalidationMessage], Awaitable[None] | None]
 """Called with each invalidation received, this replica's own included."""
+
+MAX_PRUNED_JOBS = 10_000
+"""Jobs dropped by retention remembered, so a resync does not restore them."""
 
 MAX_SEEN_INVALIDATIONS = 1000
 """Invalidations with a version remembered to run their hooks only once."""
@@ -114,10 +118,14 @@ class OperationsService:
         self._model_hooks: list[InvalidationHook] = []
         self._backend_hooks: list[InvalidationHook] = []
         self._terminal_since: dict[str, float] = {}
-        self.history: collections.deque[tuple[str, OpStatus]] = collections.deque(
-            maxlen=history_size
+        self.op_types: dict[str, OpType] = {}
+        """Operation types of the jobs this replica admitted, sent with writes."""
+        self.history_size = history_size
+        self._history: collections.OrderedDict[str, OpStatus] = (
+            collections.OrderedDict()
         )
-        """The most recent jobs to reach a terminal state, oldest first."""
+        # Jobs dropped by retention, so a resync does not bring them back.
+        self._pruned: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._seen_invalidations: collections.OrderedDict[
             tuple[str, str | None, str | None, OpType | None, int], None
         ] = collections.OrderedDict()
@@ -190,12 +198,16 @@ class OperationsService:
             except (BusError, CodecError) as exc:
                 logger.warning("status of job %r not published: %s", job_id, exc)
         if self.writer is not None:
+            entry = self.opcache.get_by_job(job_id)
             self.writer.submit(
                 job_id,
                 applied,
                 version=version,
                 frontend_id=self.replica_id,
                 urgent=held is None,
+                cache_key=entry.cache_key if entry else "",
+                is_backend_op=entry.is_backend if entry else False,
+                op_type=self.op_types.get(job_id),
             )
         return True
 
@@ -229,7 +241,14 @@ class OperationsService:
         if held is None or not held.status.terminal or self.store is None:
             return
         version = held.version or 0
-        applied = await self.store.save_status(job_id, held.status, version=version)
+        entry = self.opcache.get_by_job(job_id)
+        identity: dict[str, Any] = {
+            "cache_key": entry.cache_key if entry else "",
+            "is_backend_op": entry.is_backend if entry else False,
+        }
+        applied = await self.store.save_status(
+            job_id, held.status, version=version, **identity
+        )
         if not applied:
             stored = await self.store.get(job_id)
             if stored is not None and stored.status.terminal:
@@ -239,7 +258,9 @@ class OperationsService:
             # above it, since a terminal state must never be lost.
             version = (stored.version if stored else version) + 1
             self._held[job_id] = _MirroredStatus(held.status, version)
-            await self.store.save_status(job_id, held.status, version=version)
+            await self.store.save_status(
+                job_id, held.status, version=version, **identity
+            )
         logger.warning(
             "job %r ended as %s but the store listed it running: written",
             job_id,
@@ -266,6 +287,7 @@ class OperationsService:
         Returns the status now held.
         """
         job_id = stored.id
+        self.runner.abandon(job_id)
         held = self._held.get(job_id)
         decided = stored.to_status()
         version = max(held.version or 0 if held else 0, stored.version) + 1
@@ -326,9 +348,22 @@ class OperationsService:
         is not terminal whatever their versions, because the store decides which
         terminal state an operation ends in.
         """
+        if job_id in self._pruned:
+            return False
         held = self._held.get(job_id)
-        if final and status.terminal and held is not None and not held.status.terminal:
+        if (
+            final
+            and status.terminal
+            and held is not None
+            and held.status.state is not status.state
+        ):
             version = max(version, (held.version or 0) + 1)
+            if held.status.terminal:
+                # An end this replica saw lost to another one in the store.
+                self._held[job_id] = _MirroredStatus(status, version)
+                self._note_terminal(job_id, status)
+                return True
+            self.runner.abandon(job_id)
         return self._apply(job_id, status, version)
 
     def forget(self, job_id: str) -> None:
@@ -355,10 +390,20 @@ class OperationsService:
         self._note_terminal(job_id, status)
         return True
 
+    @property
+    def history(self) -> list[tuple[str, OpStatus]]:
+        """The jobs that most recently reached a terminal state, oldest first,
+        each with its latest terminal status."""
+        return list(self._history.items())
+
     def _note_terminal(self, job_id: str, status: OpStatus) -> None:
-        if status.terminal and job_id not in self._terminal_since:
-            self._terminal_since[job_id] = time.monotonic()
-            self.history.append((job_id, status))
+        if not status.terminal:
+            return
+        self._terminal_since.setdefault(job_id, time.monotonic())
+        self._history[job_id] = status
+        self._history.move_to_end(job_id)
+        while len(self._history) > self.history_size:
+            self._history.popitem(last=False)
 
     def prune(self, retention: float) -> int:
         """Drop jobs terminal for more than `retention` seconds; return how many.
@@ -374,7 +419,11 @@ class OperationsService:
         for job_id in expired:
             del self._terminal_since[job_id]
             self._held.pop(job_id, None)
+            self.op_types.pop(job_id, None)
             self.opcache.discard(job_id)
+            self._pruned[job_id] = None
+        while len(self._pruned) > MAX_PRUNED_JOBS:
+            self._pruned.popitem(last=False)
         return len(expired)
 
     # Cancel -----------------------------------------------------------------

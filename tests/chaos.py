@@ -80,12 +80,10 @@ class OutageStore(InMemoryStore):
         await super().upsert_placeholder(record)
 
     async def save_status(
-        self, job_id: str, status: OpStatus, *, version: int, frontend_id: str = ""
+        self, job_id: str, status: OpStatus, *, version: int, **identity: Any
     ) -> bool:
         self._check("save_status")
-        return await super().save_status(
-            job_id, status, version=version, frontend_id=frontend_id
-        )
+        return await super().save_status(job_id, status, version=version, **identity)
 
     async def get(self, job_id: str) -> OperationRecord | None:
         self._check("get")

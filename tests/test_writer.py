@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -22,14 +23,12 @@ class FlakyStore(InMemoryStore):
         self.saves: list[tuple[str, int]] = []
 
     async def save_status(
-        self, job_id: str, status: OpStatus, *, version: int, frontend_id: str = ""
+        self, job_id: str, status: OpStatus, *, version: int, **identity: Any
     ) -> bool:
         if self.down:
             raise StoreError(f"save_status for job {job_id!r} failed: store is down")
         self.saves.append((job_id, version))
-        return await super().save_status(
-            job_id, status, version=version, frontend_id=frontend_id
-        )
+        return await super().save_status(job_id, status, version=version, **identity)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Protocol
 
-from replistate.models import OperationRecord, OpStatus
+from replistate.models import OperationRecord, OpStatus, OpType
 
 __all__ = ["ACTIVE_WINDOW", "GalleryStore"]
 
@@ -47,13 +47,24 @@ class GalleryStore(Protocol):
         ...
 
     async def save_status(
-        self, job_id: str, status: OpStatus, *, version: int, frontend_id: str = ""
+        self,
+        job_id: str,
+        status: OpStatus,
+        *,
+        version: int,
+        frontend_id: str = "",
+        cache_key: str = "",
+        is_backend_op: bool = False,
+        op_type: OpType | None = None,
     ) -> bool:
         """Store `status` as version `version` of the job.
 
         Inserts the row when missing. Returns whether the write applied: it does
         not when the stored version is equal or higher, or the stored row is
-        terminal.
+        terminal. `cache_key`, `is_backend_op` and `op_type` fill in what a lost
+        placeholder write would have stored: an existing cache key and backend
+        flag are never overwritten, and `op_type` replaces the stored one when
+        given.
         """
         ...
 
@@ -61,10 +72,17 @@ class GalleryStore(Protocol):
         """Return the row of `job_id`, or None."""
         ...
 
+    async def get_many(self, job_ids: list[str]) -> list[OperationRecord]:
+        """Return the rows of the jobs in `job_ids` that exist, in no order."""
+        ...
+
     async def list_active(
         self, window: timedelta = ACTIVE_WINDOW, *, include_failed: bool = False
     ) -> list[OperationRecord]:
         """Return the non-terminal rows updated within `window` of now.
+
+        A row whose lease is still running is returned whatever its update time,
+        because its owner is alive, even when its work reports nothing.
 
         With `include_failed`, failed rows updated within the window are returned
         too: replicas keep listing a failure with its error, so a replica that

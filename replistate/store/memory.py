@@ -7,7 +7,13 @@ from datetime import UTC, datetime, timedelta
 
 import attrs
 
-from replistate.models import TERMINAL_STATES, OperationRecord, OpState, OpStatus
+from replistate.models import (
+    TERMINAL_STATES,
+    OperationRecord,
+    OpState,
+    OpStatus,
+    OpType,
+)
 from replistate.store.base import ACTIVE_WINDOW
 
 __all__ = ["InMemoryStore"]
@@ -61,7 +67,15 @@ class InMemoryStore:
         )
 
     async def save_status(
-        self, job_id: str, status: OpStatus, *, version: int, frontend_id: str = ""
+        self,
+        job_id: str,
+        status: OpStatus,
+        *,
+        version: int,
+        frontend_id: str = "",
+        cache_key: str = "",
+        is_backend_op: bool = False,
+        op_type: OpType | None = None,
     ) -> bool:
         now = self.clock()
         held = self.rows.get(job_id)
@@ -69,7 +83,15 @@ class InMemoryStore:
             held.version >= version or held.status in TERMINAL_STATES
         ):
             return False
-        update = OperationRecord.from_status(job_id, status, version=version)
+        update = OperationRecord.from_status(
+            job_id,
+            status,
+            version=version,
+            cache_key=cache_key,
+            is_backend_op=is_backend_op,
+        )
+        if op_type is not None:
+            update = attrs.evolve(update, op_type=op_type)
         if held is None:
             self.rows[job_id] = attrs.evolve(
                 update, frontend_id=frontend_id, created_at=now, updated_at=now
@@ -79,9 +101,9 @@ class InMemoryStore:
             update,
             gallery_element_name=update.gallery_element_name
             or held.gallery_element_name,
-            cache_key=held.cache_key,
-            is_backend_op=held.is_backend_op,
-            op_type=held.op_type,
+            cache_key=held.cache_key or cache_key,
+            is_backend_op=held.is_backend_op or is_backend_op,
+            op_type=op_type or held.op_type,
             frontend_id=frontend_id or held.frontend_id,
             created_at=held.created_at,
             updated_at=now,
@@ -93,10 +115,14 @@ class InMemoryStore:
     async def get(self, job_id: str) -> OperationRecord | None:
         return self.rows.get(job_id)
 
+    async def get_many(self, job_ids: list[str]) -> list[OperationRecord]:
+        return [self.rows[job_id] for job_id in job_ids if job_id in self.rows]
+
     async def list_active(
         self, window: timedelta = ACTIVE_WINDOW, *, include_failed: bool = False
     ) -> list[OperationRecord]:
-        since = self.clock() - window
+        now = self.clock()
+        since = now - window
         return sorted(
             (
                 row
@@ -105,8 +131,10 @@ class InMemoryStore:
                     row.status not in TERMINAL_STATES
                     or (include_failed and row.status is OpState.FAILED)
                 )
-                and row.updated_at is not None
-                and row.updated_at >= since
+                and (
+                    (row.updated_at is not None and row.updated_at >= since)
+                    or (row.lease_expires_at is not None and row.lease_expires_at > now)
+                )
             ),
             key=lambda row: (row.created_at or since, row.id),
         )

@@ -85,15 +85,19 @@ _SAVE_STATUS = """
 INSERT INTO {table} AS held (
     id, gallery_element_name, op_type, status, progress, message, error,
     file_name, total_file_size, downloaded_file_size, frontend_id, cancellable,
-    version
+    version, cache_key, is_backend_op
 ) VALUES (
-    %(id)s, %(gallery_element_name)s, %(op_type)s, %(status)s, %(progress)s,
-    %(message)s, %(error)s, %(file_name)s, %(total_file_size)s,
-    %(downloaded_file_size)s, %(frontend_id)s, %(cancellable)s, %(version)s
+    %(id)s, %(gallery_element_name)s, COALESCE(%(op_type)s, %(derived_op_type)s),
+    %(status)s, %(progress)s, %(message)s, %(error)s, %(file_name)s,
+    %(total_file_size)s, %(downloaded_file_size)s, %(frontend_id)s,
+    %(cancellable)s, %(version)s, %(cache_key)s, %(is_backend_op)s
 )
 ON CONFLICT (id) DO UPDATE SET
     gallery_element_name = COALESCE(
         NULLIF(EXCLUDED.gallery_element_name, ''), held.gallery_element_name),
+    cache_key = COALESCE(NULLIF(held.cache_key, ''), EXCLUDED.cache_key),
+    is_backend_op = held.is_backend_op OR EXCLUDED.is_backend_op,
+    op_type = COALESCE(%(op_type)s, held.op_type),
     status = EXCLUDED.status,
     progress = EXCLUDED.progress,
     message = EXCLUDED.message,
@@ -118,12 +122,14 @@ _COLUMNS = """
 
 _GET = "SELECT" + _COLUMNS + "FROM {table} WHERE id = %(id)s"
 
+_GET_MANY = "SELECT" + _COLUMNS + "FROM {table} WHERE id = ANY(%(ids)s)"
+
 _LIST_ACTIVE = (
     "SELECT"
     + _COLUMNS
     + """FROM {table}
 WHERE (status <> ALL(%(terminal)s) OR (%(include_failed)s AND status = 'failed'))
-    AND updated_at >= now() - %(window)s
+    AND (updated_at >= now() - %(window)s OR lease_expires_at > now())
 ORDER BY created_at, id"""
 )
 
@@ -273,7 +279,15 @@ class PostgresGalleryStore:
         )
 
     async def save_status(
-        self, job_id: str, status: OpStatus, *, version: int, frontend_id: str = ""
+        self,
+        job_id: str,
+        status: OpStatus,
+        *,
+        version: int,
+        frontend_id: str = "",
+        cache_key: str = "",
+        is_backend_op: bool = False,
+        op_type: OpType | None = None,
     ) -> bool:
         record = OperationRecord.from_status(
             job_id, status, version=version, frontend_id=frontend_id
@@ -284,7 +298,10 @@ class PostgresGalleryStore:
             {
                 "id": job_id,
                 "gallery_element_name": record.gallery_element_name,
-                "op_type": record.op_type.value,
+                "op_type": op_type.value if op_type is not None else None,
+                "derived_op_type": record.op_type.value,
+                "cache_key": cache_key,
+                "is_backend_op": is_backend_op,
                 "status": record.status.value,
                 "progress": record.progress,
                 "message": record.message,
@@ -303,6 +320,12 @@ class PostgresGalleryStore:
     async def get(self, job_id: str) -> OperationRecord | None:
         rows = await self._fetch("get", _GET, {"id": job_id})
         return _record(rows[0]) if rows else None
+
+    async def get_many(self, job_ids: list[str]) -> list[OperationRecord]:
+        if not job_ids:
+            return []
+        rows = await self._fetch("get_many", _GET_MANY, {"ids": job_ids})
+        return [_record(row) for row in rows]
 
     async def list_active(
         self, window: timedelta = ACTIVE_WINDOW, *, include_failed: bool = False

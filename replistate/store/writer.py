@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 import attrs
 
 from replistate.errors import StoreError
-from replistate.models import OperationRecord, OpStatus
+from replistate.models import OperationRecord, OpStatus, OpType
 from replistate.store.base import GalleryStore
 
 __all__ = ["PendingWrite", "StoreWriter"]
@@ -38,6 +38,9 @@ class PendingWrite:
     version: int
     frontend_id: str
     urgent: bool
+    cache_key: str = ""
+    is_backend_op: bool = False
+    op_type: OpType | None = None
 
 
 class StoreWriter:
@@ -90,18 +93,30 @@ class StoreWriter:
         version: int,
         frontend_id: str = "",
         urgent: bool = False,
+        cache_key: str = "",
+        is_backend_op: bool = False,
+        op_type: OpType | None = None,
     ) -> None:
         """Queue `status` for the store, replacing any older pending write.
 
         `urgent` writes (start and terminal states) skip the coalescing interval.
         A write that is already urgent stays urgent when a newer status replaces it.
+        `cache_key`, `is_backend_op` and `op_type` go to the store with the status,
+        so a lost placeholder write is made good; see `GalleryStore.save_status`.
         """
         held = self._pending.get(job_id)
         if held is not None and held.version > version:
             return
         urgent = urgent or status.terminal or (held is not None and held.urgent)
         self._pending[job_id] = PendingWrite(
-            job_id, status, version, frontend_id, urgent
+            job_id,
+            status,
+            version,
+            frontend_id,
+            urgent,
+            cache_key,
+            is_backend_op,
+            op_type,
         )
         self._idle.clear()
         self._wake.set()
@@ -151,9 +166,10 @@ class StoreWriter:
                 continue
             failed = False
             for write in due:
+                # Every due write is tried, so one the store keeps rejecting does
+                # not hold back the writes of other jobs.
                 if not await self._write(write):
                     failed = True
-                    break
             if failed:
                 backoff = min(self.max_backoff, max(0.05, backoff * 2))
                 await asyncio.sleep(backoff)
@@ -180,6 +196,9 @@ class StoreWriter:
                 write.status,
                 version=write.version,
                 frontend_id=write.frontend_id,
+                cache_key=write.cache_key,
+                is_backend_op=write.is_backend_op,
+                op_type=write.op_type,
             )
         except StoreError as exc:
             self.failures += 1
