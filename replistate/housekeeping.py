@@ -11,11 +11,11 @@ other fails with an error naming the lost owner.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from datetime import timedelta
 
+from replistate._background import BackgroundTask
 from replistate.errors import StoreError
 from replistate.models import OperationRecord, OpState
 from replistate.service import OperationsService
@@ -61,20 +61,15 @@ class Housekeeper:
         self.reap_interval = reap_interval
         self.retention = retention
         self.reaped = 0
-        self._task: asyncio.Task[None] | None = None
+        self._loop = BackgroundTask("replistate housekeeping", self._run)
 
     def start(self) -> None:
         """Start the background task."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="replistate upkeep")
+        self._loop.start()
 
     async def stop(self) -> None:
         """Stop the background task."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loop.stop()
 
     async def renew(self) -> int:
         """Renew the leases of the jobs this replica runs; return how many."""

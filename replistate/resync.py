@@ -22,11 +22,11 @@ run after it, never several.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from datetime import timedelta
 
+from replistate._background import BackgroundTask
 from replistate.codec import InvalidationMessage
 from replistate.errors import StoreError
 from replistate.models import OperationRecord, OpState, OpStatus
@@ -70,20 +70,15 @@ class Resyncer:
         self._reasons: set[str] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._task: asyncio.Task[None] | None = None
+        self._loop = BackgroundTask("replistate resync", self._run)
 
     def start(self) -> None:
         """Start the background task that runs requested and periodic resyncs."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="replistate resync")
+        self._loop.start()
 
     async def stop(self) -> None:
         """Stop the background task; a resync under way is abandoned."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loop.stop()
         self._idle.set()
 
     def request(self, reason: str) -> None:

@@ -35,9 +35,9 @@ async def block(handle: OperationHandle) -> None:
     await asyncio.Event().wait()
 
 
-def kill(replica: Replica) -> None:
+async def kill(replica: Replica) -> None:
     """Make a replica look dead: no lease renewals and no bus traffic."""
-    replica.housekeeper._task.cancel()  # type: ignore[union-attr]
+    await replica.housekeeper.stop()
     assert isinstance(replica.bus, InMemoryBus)
     replica.bus.disconnect()
 
@@ -73,7 +73,7 @@ async def test_lost_owner_is_reaped(cluster: Cluster) -> None:
     await eventually(lambda: cluster.store.rows.get(job_id) is not None)
     await eventually(lambda: cluster.store.rows[job_id].lease_expires_at is not None)
 
-    kill(a)
+    await kill(a)
     await eventually(
         lambda: all(
             (r.operations.get_status(job_id) or OpStatus()).terminal for r in (b, c)
@@ -99,7 +99,7 @@ async def test_orphan_with_cancel_request_ends_cancelled(cluster: Cluster) -> No
     job_id = await a.operations.start_operation("gallery@m", block)
     await eventually(lambda: b.opcache.get("gallery@m") == job_id)
     await eventually(lambda: cluster.store.rows[job_id].lease_expires_at is not None)
-    kill(a)
+    await kill(a)
 
     outcome = await b.operations.cancel(job_id)
     await eventually(

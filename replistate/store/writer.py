@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import attrs
 
+from replistate._background import BackgroundTask
 from replistate.errors import StoreError
 from replistate.models import OperationRecord, OpStatus, OpType
 from replistate.store.base import GalleryStore
@@ -73,7 +74,7 @@ class StoreWriter:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._task: asyncio.Task[None] | None = None
+        self._loop = BackgroundTask("replistate writer", self._run)
 
     @property
     def pending(self) -> dict[str, PendingWrite]:
@@ -82,8 +83,7 @@ class StoreWriter:
 
     def start(self) -> None:
         """Start the background task that writes."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="replistate writer")
+        self._loop.start()
 
     def submit(
         self,
@@ -143,11 +143,7 @@ class StoreWriter:
                 len(self._pending),
                 ", ".join(sorted(self._pending)),
             )
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loop.stop()
 
     async def _run(self) -> None:
         backoff = 0.0
