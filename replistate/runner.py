@@ -76,6 +76,8 @@ class OperationRunner:
                 "starting operations"
             )
         job_id = validate_job_id(job_id or str(uuid.uuid4()))
+        if not cache_key:
+            raise ValueError(f"missing cache key for job {job_id!r}")
         if job_id in self._tasks or service.get_status(job_id) is not None:
             raise OperationConflictError(
                 f"job id {job_id!r} is already in use", cache_key, job_id
@@ -106,23 +108,37 @@ class OperationRunner:
         self._tasks[job_id] = (task, handle)
         if cancellable:
             service.register_cancel(job_id, handle._request_cancel)
+        try:
+            await self._admit(handle, queued, is_backend)
+        except BaseException:
+            # The caller gets the error, so the work must not start behind it.
+            handle._request_cancel()
+            raise
+        finally:
+            # Whatever happens, the task must not wait for admission forever.
+            handle._admitted.set()
+        return job_id
+
+    async def _admit(
+        self, handle: OperationHandle, queued: OpStatus, is_backend: bool
+    ) -> None:
+        """Write the queued status, then the OpCache entry and the first lease."""
+        service = self.service
+        job_id = handle.job_id
         await service.update_status(job_id, queued)
         if handle._finished:
             # Cancelled already: its end event must not be followed by a start.
-            handle._admitted.set()
-            return job_id
+            return
         set_entry = service.opcache.set_backend if is_backend else service.opcache.set
         await set_entry(
-            cache_key,
+            handle.cache_key,
             job_id,
-            element_name=element_name,
-            op_type=op_type,
+            element_name=handle.element_name,
+            op_type=handle.op_type,
             version=service.version_of(job_id),
         )
         if self.on_admitted is not None:
             await self.on_admitted(job_id)
-        handle._admitted.set()
-        return job_id
 
     async def stop(self, reason: str, grace_period: float = 5.0) -> None:
         """Stop every operation this replica runs, marking each failed with

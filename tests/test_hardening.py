@@ -475,3 +475,13 @@ async def test_job_route_rejects_invalid_id(cluster: Cluster) -> None:
 
     assert status == 400
     assert "invalid id 'a.b': job id contains '.'" in body["error"]
+
+
+async def test_empty_cache_key_rejected(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+
+    with pytest.raises(ValueError, match="missing cache key"):
+        await a.operations.start_operation("", block)
+
+    assert a.operations.owned_jobs == []
+    assert len(a.opcache) == 0
