@@ -30,9 +30,10 @@ from replistate.codec import (
 )
 from replistate.errors import DecodeError, NotStartedError
 from replistate.housekeeping import Housekeeper
+from replistate.invalidation import InvalidationHook
 from replistate.opcache import OpCache, OpCacheEntry
 from replistate.resync import Resyncer
-from replistate.service import InvalidationHook, OperationsService
+from replistate.service import OperationsService
 from replistate.store.base import ACTIVE_WINDOW, GalleryStore
 from replistate.subjects import DEFAULT_CACHE_PREFIX, DEFAULT_PREFIX, Subjects
 

@@ -26,6 +26,7 @@ import attrs
 from replistate.bus.base import Channel, raised_by_callback
 from replistate.codec import CancelMessage, InvalidationMessage, ProgressMessage
 from replistate.errors import BusError, CodecError, StoreError
+from replistate.invalidation import InvalidationHook, Invalidations
 from replistate.models import NodeProgress, OperationRecord, OpStatus, OpType
 from replistate.opcache import OpCache
 from replistate.runner import OperationHandle, OperationRunner, Work
@@ -35,7 +36,6 @@ from replistate.subjects import Subjects, validate_job_id
 
 __all__ = [
     "CancelOutcome",
-    "InvalidationHook",
     "OperationHandle",
     "OperationsService",
     "Work",
@@ -43,14 +43,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-InvalidationHook = Callable[[InvalidationMessage], Awaitable[None] | None]
-"""Called with each invalidation received, this replica's own included."""
-
 MAX_PRUNED_JOBS = 10_000
 """Jobs dropped by retention remembered, so a resync does not restore them."""
-
-MAX_SEEN_INVALIDATIONS = 1000
-"""Invalidations with a version remembered to run their hooks only once."""
 
 CancelFunction = Callable[[], Awaitable[None] | None]
 
@@ -115,8 +109,9 @@ class OperationsService:
         )
         self._held: dict[str, _MirroredStatus] = {}
         self._cancel_functions: dict[str, CancelFunction] = {}
-        self._model_hooks: list[InvalidationHook] = []
-        self._backend_hooks: list[InvalidationHook] = []
+        self.invalidations = Invalidations(
+            replica_id=replica_id, subjects=subjects, channel=channel
+        )
         self._terminal_since: dict[str, float] = {}
         self.op_types: dict[str, OpType] = {}
         """Operation types of the jobs this replica admitted, sent with writes."""
@@ -126,9 +121,6 @@ class OperationsService:
         )
         # Jobs dropped by retention, so a resync does not bring them back.
         self._pruned: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._seen_invalidations: collections.OrderedDict[
-            tuple[str, str | None, str | None, OpType | None, int], None
-        ] = collections.OrderedDict()
         self.on_gap: Callable[[str], None] | None = None
         """Called with the job id when a received version skips one or more."""
         self.runner = OperationRunner(self)
@@ -521,14 +513,12 @@ class OperationsService:
 
     def on_models_invalidated(self, hook: InvalidationHook) -> Callable[[], None]:
         """Call `hook` on every models invalidation; return a function removing it."""
-        self._model_hooks.append(hook)
-        return lambda: self._model_hooks.remove(hook)
+        return self.invalidations.on_models_invalidated(hook)
 
     def on_backends_invalidated(self, hook: InvalidationHook) -> Callable[[], None]:
         """Call `hook` on every backends invalidation; return a function removing
         it."""
-        self._backend_hooks.append(hook)
-        return lambda: self._backend_hooks.remove(hook)
+        return self.invalidations.on_backends_invalidated(hook)
 
     async def invalidate_models(
         self,
@@ -537,14 +527,8 @@ class OperationsService:
         *,
         version: int | None = None,
     ) -> None:
-        """Tell every replica, this one included, to reload its models.
-
-        Args:
-            element: the model that changed, or None when the whole set changed.
-            op: what happened to it.
-            version: the status version of the operation that caused it.
-        """
-        await self._invalidate(self.subjects.invalidate_models, element, op, version)
+        """Tell every replica to reload its models; see `Invalidations`."""
+        await self.invalidations.invalidate_models(element, op, version=version)
 
     async def invalidate_backends(
         self,
@@ -553,77 +537,14 @@ class OperationsService:
         *,
         version: int | None = None,
     ) -> None:
-        """Tell every replica, this one included, to reload its backends."""
-        await self._invalidate(self.subjects.invalidate_backends, element, op, version)
+        """Tell every replica to reload its backends; see `Invalidations`."""
+        await self.invalidations.invalidate_backends(element, op, version=version)
 
     async def handle_invalidation(
         self, subject: str, message: InvalidationMessage
     ) -> None:
-        """Run the hooks of the invalidation received on `subject`.
-
-        An invalidation caused by an operation carries its version. The same one
-        seen twice, live and again from a resync, or replayed by the bus after a
-        reconnect, runs the hooks once.
-        """
-        if subject == self.subjects.invalidate_models:
-            hooks = self._model_hooks
-        elif subject == self.subjects.invalidate_backends:
-            hooks = self._backend_hooks
-        else:
-            return
-        if message.version is not None:
-            key = (
-                subject,
-                message.origin,
-                message.element,
-                message.op,
-                message.version,
-            )
-            if key in self._seen_invalidations:
-                return
-            self._seen_invalidations[key] = None
-            while len(self._seen_invalidations) > MAX_SEEN_INVALIDATIONS:
-                self._seen_invalidations.popitem(last=False)
-        for hook in list(hooks):
-            try:
-                result = hook(message)
-                if inspect.isawaitable(result):
-                    await result
-            except BaseException as exc:
-                if not raised_by_callback(exc):
-                    raise
-                logger.exception(
-                    "invalidation hook %r failed on %r for element %r",
-                    getattr(hook, "__qualname__", hook),
-                    subject,
-                    message.element,
-                )
-
-    async def _invalidate(
-        self,
-        subject: str,
-        element: str | None,
-        op: OpType | None,
-        version: int | None,
-    ) -> None:
-        message = InvalidationMessage(
-            element=element, op=op, origin=self.replica_id, version=version
-        )
-        if self.channel is None:
-            # Standalone: there is no echo, so run the hooks here.
-            await self.handle_invalidation(subject, message)
-            return
-        try:
-            await self.channel.publish(subject, message)
-        except (BusError, CodecError) as exc:
-            logger.warning(
-                "invalidation of element %r not published on %r, running local "
-                "hooks only: %s",
-                element,
-                subject,
-                exc,
-            )
-            await self.handle_invalidation(subject, message)
+        """Run the hooks of the invalidation received on `subject`."""
+        await self.invalidations.handle_invalidation(subject, message)
 
     # Owned operations -------------------------------------------------------
 
