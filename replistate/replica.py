@@ -64,7 +64,7 @@ class ReplicaConfig:
         max_payload: largest payload sent or accepted, in bytes; the bus's own
             limit when None.
         create_schema: whether `start` creates the store's table if missing.
-        write_retry_max: longest wait between two retries of a failed store
+        write_retry_max: maximum wait between two retries of a failed store
             write, in seconds.
         write_interval: seconds between two progress writes of one operation to
             the store; start and terminal writes are not delayed.

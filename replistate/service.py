@@ -75,7 +75,7 @@ class OperationsService:
         store: the durable store, or None in standalone mode.
         write_interval: seconds between two progress writes of one job to the
             store; start and terminal writes are not delayed.
-        write_retry_max: longest wait between two retries of a failed store
+        write_retry_max: maximum wait between two retries of a failed store
             write, in seconds.
         history_size: how many recent terminal results `history` keeps.
     """
@@ -222,7 +222,7 @@ class OperationsService:
     async def repair(self, job_id: str) -> None:
         """Write the held terminal state of `job_id` to the store and publish it.
 
-        Used when the store still lists as running a job this replica holds as
+        Used when the store still lists as running a job this replica has as
         ended. The write is conditional: when the store already ended the job
         otherwise, that state is adopted instead.
 
@@ -246,8 +246,8 @@ class OperationsService:
             if stored is not None and stored.status.terminal:
                 await self._on_write_rejected(job_id, stored)
                 return
-            # The store holds a higher version that is not terminal: write the end
-            # above it, since a terminal state must never be lost.
+            # The store has a higher version that is not terminal. The end is
+            # written above it, because a terminal state must never be lost.
             version = (stored.version if stored else version) + 1
             self._held[job_id] = _MirroredStatus(held.status, version)
             await self.store.save_status(
@@ -436,8 +436,8 @@ class OperationsService:
 
         Returns:
             ACCEPTED when the request was run or sent, TOO_LATE when the operation
-            is already terminal, NOT_CANCELLABLE when its status says it cannot
-            be cancelled, UNKNOWN when neither the mirror nor the store has the
+            is already terminal, NOT_CANCELLABLE when its status marks it as
+            not cancellable, UNKNOWN when neither the mirror nor the store has the
             job.
 
         Raises:

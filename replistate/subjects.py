@@ -34,7 +34,7 @@ DEFAULT_CACHE_PREFIX: Final = "cache.invalidate"
 """Prefix of the invalidation subjects."""
 
 MAX_TOKEN_LENGTH: Final = 256
-"""Longest id accepted in a subject, in characters.
+"""Maximum length of an id in a subject, in characters.
 
 nats-server closes a connection whose protocol line is over 4096 bytes, so a
 subject built from a longer id would cost the replica its connection.

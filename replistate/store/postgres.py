@@ -145,8 +145,8 @@ WHERE id = ANY(%(ids)s) AND frontend_id = %(frontend_id)s
     AND status <> ALL(%(terminal)s)
 """
 
-# The WHERE clause is evaluated again on the locked row, so of several reapers
-# running at once, only the first ends each job; the others match nothing.
+# PostgreSQL evaluates the WHERE clause again on the locked row. So when several
+# reapers run at once, only the first ends each job and the others match nothing.
 _REAP_ORPHANS = (
     """
 UPDATE {table} SET
@@ -169,8 +169,8 @@ _REQUEST_CANCEL = (
 def _record(row: dict[str, Any]) -> OperationRecord:
     """Build a record from a row, reading values other writers may leave.
 
-    A status this module does not write, such as ``queued``, is read as pending,
-    so one odd row never stops a replica from starting; it is logged.
+    A status this module does not write, such as ``queued``, is read as pending
+    and logged, so one odd row never stops a replica from starting.
     """
     try:
         op_type = OpType(row["op_type"])
@@ -189,7 +189,7 @@ def _record(row: dict[str, Any]) -> OperationRecord:
 
 
 MAX_IDENTIFIER_BYTES = 63
-"""Longest identifier PostgreSQL keeps; it silently cuts longer ones."""
+"""Maximum identifier length PostgreSQL keeps, in bytes; it cuts longer ones."""
 
 
 class PostgresGalleryStore:

@@ -50,7 +50,7 @@ class StoreWriter:
     Args:
         store: where the statuses go.
         interval: seconds between two progress writes of one job.
-        max_backoff: longest wait between retries after a failure, in seconds.
+        max_backoff: maximum wait between retries after a failure, in seconds.
         on_rejected: called when a terminal write did not apply, which means
             another terminal state won the race in the store.
     """
