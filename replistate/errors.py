@@ -51,8 +51,8 @@ class InvalidIdError(ReplistateError, ValueError):
     def __init__(self, value: str, reason: str, *, kind: str = "id") -> None:
         self.value = value
         self.reason = reason
-        shown = value if len(value) <= 80 else value[:60] + "..."
-        super().__init__(f"invalid {kind} {shown!r}: {reason}")
+        excerpt = value if len(value) <= 80 else value[:60] + "..."
+        super().__init__(f"invalid {kind} {excerpt!r}: {reason}")
 
 
 class CodecError(ReplistateError, ValueError):
@@ -106,7 +106,7 @@ class OperationConflictError(ReplistateError, ValueError):
 
     Attributes:
         cache_key: the cache key of the refused operation.
-        job_id: the job that holds the id or the key.
+        job_id: the job that has the id or the key.
     """
 
     def __init__(self, message: str, cache_key: str, job_id: str) -> None:

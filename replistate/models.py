@@ -66,7 +66,7 @@ class OpType(enum.StrEnum):
 
 
 MAX_TEXT_LENGTH = 8192
-"""Longest error or message text kept, in characters; longer text is cut.
+"""Maximum length of an error or message text, in characters; longer text is cut.
 
 A status must fit in one bus message (1 MiB by default on NATS), and an error
 carrying a whole HTTP response body would not.

@@ -230,7 +230,7 @@ async def test_nats_restart_resyncs_peer(postgres_url: str, table_name: str) -> 
 
 
 async def test_resync_writes_end_the_store_missed(cluster: Cluster) -> None:
-    """A replica that knows a job ended writes it to a store that still lists
+    """A replica that has seen a job end writes it to a store that still lists
     it running, and peers that missed the end receive it."""
     a = await cluster.add("a")
     b = await cluster.add("b")

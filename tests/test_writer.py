@@ -117,7 +117,7 @@ async def test_older_submit_never_replaces_newer(
 
 
 async def test_lost_terminal_race_adopts_winner(cluster: Cluster) -> None:
-    """When the store already holds another terminal state, every replica ends
+    """When the store already has another terminal state, every replica ends
     up showing the stored one."""
     a = await cluster.add("a")
     b = await cluster.add("b")

@@ -117,7 +117,7 @@ class MessageBus(Protocol):
 
 
 class StateNotifier:
-    """Connection state of a bus and the listeners told of its changes."""
+    """Connection state of a bus and the listeners notified of its changes."""
 
     def __init__(self) -> None:
         self._state = BusState.DISCONNECTED

@@ -99,10 +99,10 @@ async def job_response(replica: Replica, job_id: str) -> tuple[int, dict[str, An
 async def cancel_response(replica: Replica, job_id: str) -> tuple[int, dict[str, Any]]:
     """Request the cancel of `job_id`; return HTTP status and body.
 
-    202 when the cancel was accepted, 409 when the job is already terminal or
-    cannot be cancelled, 404 when neither the mirror nor the store has it, 400
-    for an id that cannot name a job, and 503 when the request could not be
-    sent to the replica running the job.
+    The status is 202 when the cancel was accepted, and 409 when the job is
+    already terminal or cannot be cancelled. It is 404 when neither the mirror
+    nor the store has the job, 400 for an id that cannot name a job, and 503 when
+    the request could not be sent to the replica running the job.
     """
     try:
         outcome = await replica.operations.cancel(job_id)
