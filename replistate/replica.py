@@ -42,6 +42,10 @@ __all__ = ["Replica", "ReplicaConfig"]
 logger = logging.getLogger(__name__)
 
 
+RECONNECT_HOOK_MARGIN = 5.0
+"""Seconds before a bus loss whose completions have their hooks checked again."""
+
+
 def _new_replica_id() -> str:
     return f"replica-{uuid.uuid4().hex[:12]}"
 
@@ -180,6 +184,7 @@ class Replica:
             else None
         )
         self._bus_lost = False
+        self._bus_lost_at = 0.0
         self._subscriptions: list[Subscription] = []
         self._remove_listener: Callable[[], None] | None = None
         self._hydrated = False
@@ -438,6 +443,8 @@ class Replica:
 
     def _on_bus_state(self, state: BusState) -> None:
         if state is BusState.DISCONNECTED:
+            if not self._bus_lost:
+                self._bus_lost_at = time.monotonic()
             self._bus_lost = True
             logger.warning("replica %r lost the bus: not ready", self.replica_id)
         elif state is BusState.CONNECTED and self._started and self._bus_lost:
@@ -445,7 +452,12 @@ class Replica:
             logger.info("replica %r has the bus again", self.replica_id)
             if self.resyncer is not None:
                 # Whatever was published while disconnected is in the store.
-                self.resyncer.request("bus reconnect")
+                # A job seen completing shortly before the loss may have had its
+                # invalidation lost with the connection.
+                self.resyncer.request(
+                    "bus reconnect",
+                    ended_since=self._bus_lost_at - RECONNECT_HOOK_MARGIN,
+                )
             if self.store is not None:
                 self._spawn(self.housekeeper.check_cancel_intents())
 

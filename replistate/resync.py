@@ -68,6 +68,7 @@ class Resyncer:
         self.failures = 0
         self._requested = asyncio.Event()
         self._reasons: set[str] = set()
+        self._ended_since: float | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._loop = BackgroundTask("replistate resync", self._run)
@@ -81,8 +82,14 @@ class Resyncer:
         await self._loop.stop()
         self._idle.set()
 
-    def request(self, reason: str) -> None:
-        """Ask for a resync soon; `reason` is logged with it."""
+    def request(self, reason: str, *, ended_since: float | None = None) -> None:
+        """Ask for a resync soon; `reason` is logged with it.
+
+        With `ended_since`, a `time.monotonic()` value, the resync also runs the
+        invalidation hooks of jobs seen completing since then; see `resync`.
+        """
+        if ended_since is not None:
+            self._ended_since = min(self._ended_since or ended_since, ended_since)
         self._reasons.add(reason)
         self._idle.clear()
         self._requested.set()
@@ -100,9 +107,14 @@ class Resyncer:
                 self._reasons.add("period")
             self._requested.clear()
             reasons, self._reasons = self._reasons, set()
+            ended_since, self._ended_since = self._ended_since, None
             try:
-                await self.resync(", ".join(sorted(reasons)))
+                await self.resync(", ".join(sorted(reasons)), ended_since=ended_since)
             except StoreError as exc:
+                if ended_since is not None:
+                    self._ended_since = min(
+                        self._ended_since or ended_since, ended_since
+                    )
                 self.failures += 1
                 logger.warning("resync failed, will retry: %s", exc)
                 await asyncio.sleep(1.0)
@@ -111,8 +123,17 @@ class Resyncer:
             if not self._requested.is_set():
                 self._idle.set()
 
-    async def resync(self, reason: str = "request") -> int:
+    async def resync(
+        self, reason: str = "request", *, ended_since: float | None = None
+    ) -> int:
         """Reconcile the mirror with the store now; return how many jobs changed.
+
+        Args:
+            reason: logged with the result.
+            ended_since: a `time.monotonic()` value. The hooks of jobs this replica
+                saw completing since then run again, deduplicated by version,
+                because around a reconnect the status of a job and its
+                invalidation can arrive on either side of the resubscription.
 
         Raises:
             StoreError: the store cannot be read; the mirror is left as it was.
@@ -167,6 +188,8 @@ class Resyncer:
                 await self._ended(stored)
 
         changed += await self._check_ended(held_before, active)
+        if ended_since is not None:
+            await self._replay_hooks(ended_since)
 
         for entry in self.opcache.entries():
             held_status = self.operations.get_status(entry.job_id)
@@ -217,6 +240,14 @@ class Resyncer:
                     changed += 1
         return changed
 
+    async def _replay_hooks(self, since: float) -> None:
+        """Run, once per version, the hooks of jobs that completed since `since`."""
+        recent = self.operations.completed_since(since)
+        for start in range(0, len(recent), 500):
+            for row in await self.store.get_many(recent[start : start + 500]):
+                if row.status is OpState.COMPLETED:
+                    await self._invalidate_for(row)
+
     async def _ended(self, row: OperationRecord) -> None:
         """Do what a live end event would have done for a job found terminal."""
         logger.info("job %r found %s by resync", row.id, row.status.value)
@@ -224,8 +255,11 @@ class Resyncer:
             # A failure stays listed with its error, as it does on live replicas.
             return
         self.opcache.discard(row.id)
-        if row.status is not OpState.COMPLETED:
-            return
+        if row.status is OpState.COMPLETED:
+            await self._invalidate_for(row)
+
+    async def _invalidate_for(self, row: OperationRecord) -> None:
+        """Run the hooks the invalidation of a completed job runs."""
         subjects = self.operations.subjects
         subject = (
             subjects.invalidate_backends

@@ -27,7 +27,7 @@ from replistate.bus.base import Channel, raised_by_callback
 from replistate.codec import CancelMessage, InvalidationMessage, ProgressMessage
 from replistate.errors import BusError, CodecError, StoreError
 from replistate.invalidation import InvalidationHook, Invalidations
-from replistate.models import NodeProgress, OperationRecord, OpStatus, OpType
+from replistate.models import NodeProgress, OperationRecord, OpState, OpStatus, OpType
 from replistate.opcache import OpCache
 from replistate.runner import OperationHandle, OperationRunner, Work
 from replistate.store.base import GalleryStore
@@ -396,6 +396,17 @@ class OperationsService:
         self._history.move_to_end(job_id)
         while len(self._history) > self.history_size:
             self._history.popitem(last=False)
+
+    def completed_since(self, since: float) -> list[str]:
+        """Return the jobs held as completed whose end this replica saw after
+        `since`, a `time.monotonic()` value."""
+        return [
+            job_id
+            for job_id, seen in self._terminal_since.items()
+            if seen >= since
+            and (held := self._held.get(job_id)) is not None
+            and held.status.state is OpState.COMPLETED
+        ]
 
     def prune(self, retention: float) -> int:
         """Drop jobs terminal for more than `retention` seconds; return how many.

@@ -20,6 +20,7 @@ from replistate import (
 )
 from replistate._servers import ThrowawayNats
 from replistate.codec import InvalidationMessage, ProgressMessage, encode
+from replistate.testing import FaultyBroker, ReplicaCluster
 
 from .conftest import Cluster, drop_table, eventually
 
@@ -252,3 +253,40 @@ async def test_resync_writes_end_the_store_missed(cluster: Cluster) -> None:
     held = b.operations.get_status("job-1")
     assert held is not None
     assert held.state is OpState.COMPLETED
+
+
+async def test_reconnect_replays_lost_invalidation() -> None:
+    """Around a reconnect a peer may get a job's end but not its invalidation,
+    since they travel on two subscriptions. The reconnect resync runs the hook,
+    once."""
+    cluster = ReplicaCluster(broker=FaultyBroker(seed=1))
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    reloads: list[str | None] = []
+    b.on_models_invalidated(lambda message: reloads.append(message.element))
+    release = asyncio.Event()
+
+    async def install(handle: OperationHandle) -> None:
+        await release.wait()
+
+    job_id = await a.operations.start_operation(
+        "gallery@model-a", install, element_name="model-a"
+    )
+    await cluster.settle()
+    assert isinstance(cluster.broker, FaultyBroker)
+    cluster.broker.drop("cache.invalidate.>")
+    release.set()
+    await asyncio.sleep(0)
+    await cluster.settle()
+    await cluster.flush_writes()
+    assert (b.operations.get_status(job_id) or OpStatus()).processed is True
+    assert reloads == []
+    cluster.broker.clear()
+
+    for _ in range(2):
+        bus_of(b).disconnect()
+        bus_of(b).reconnect()
+        await wait_resynced(b)
+
+    assert reloads == ["model-a"]
+    await cluster.stop()
