@@ -46,6 +46,7 @@ class OperationRunner:
         self.on_admitted: Callable[[str], Awaitable[None]] | None = None
         """Called with the job id once the OpCache entry is written."""
         self._tasks: dict[str, tuple[asyncio.Task[None], OperationHandle]] = {}
+        self._admissions: set[asyncio.Task[None]] = set()
         self._stop_reasons: dict[str, str] = {}
 
     @property
@@ -108,16 +109,41 @@ class OperationRunner:
         self._tasks[job_id] = (task, handle)
         if cancellable:
             service.register_cancel(job_id, handle._request_cancel)
+        admission = asyncio.create_task(
+            self._admit_or_cancel(handle, queued, is_backend),
+            name=f"admission of {job_id}",
+        )
+        self._admissions.add(admission)
+        admission.add_done_callback(self._admission_done)
+        # The caller only waits: a web request cancelled because its client went
+        # away must neither stop the admission halfway nor the work behind it.
+        await asyncio.shield(admission)
+        return job_id
+
+    async def _admit_or_cancel(
+        self, handle: OperationHandle, queued: OpStatus, is_backend: bool
+    ) -> None:
         try:
             await self._admit(handle, queued, is_backend)
-        except BaseException:
+        except BaseException as exc:
             # The caller gets the error, so the work must not start behind it.
+            logger.warning(
+                "admission of job %r failed, its work will not run: %s",
+                handle.job_id,
+                exc or type(exc).__name__,
+            )
             handle._request_cancel()
             raise
         finally:
             # Whatever happens, the task must not wait for admission forever.
             handle._admitted.set()
-        return job_id
+
+    def _admission_done(self, admission: asyncio.Task[None]) -> None:
+        self._admissions.discard(admission)
+        if not admission.cancelled():
+            # Logged above; read here so a caller that went away leaves no
+            # "exception never retrieved" report behind.
+            admission.exception()
 
     async def _admit(
         self, handle: OperationHandle, queued: OpStatus, is_backend: bool

@@ -580,8 +580,8 @@ class OperationsService:
         exception's text and the entry stays, so clients see the error. When it
         is cancelled, the operation is marked cancelled and the entry removed.
 
-        The task belongs to the replica, not to the caller: a web request that
-        starts an operation may end without stopping it.
+        The admission and the work belong to the replica, not to the caller: a
+        web request cancelled because its client went away stops neither.
 
         Args:
             cache_key: what the operation acts on, such as ``gallery@model-a``.

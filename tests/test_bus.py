@@ -29,10 +29,16 @@ class Inbox:
         self._changed.set()
 
     async def wait_for(self, count: int) -> list[tuple[str, bytes]]:
-        async with asyncio.timeout(TIMEOUT):
-            while len(self.messages) < count:
-                self._changed.clear()
-                await self._changed.wait()
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while len(self.messages) < count:
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise AssertionError(
+                f"{len(self.messages)} of {count} messages within {TIMEOUT:g} s: "
+                f"{self.messages!r}"
+            ) from None
         return self.messages
 
     @property

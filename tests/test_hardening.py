@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import importlib.util
@@ -176,21 +175,30 @@ async def test_start_rejects_duplicate_job_id(cluster: Cluster) -> None:
 
 
 def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("example_aiohttp_app", EXAMPLE)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    # The example imports its sibling module `model_server`, as it does when run.
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("example_aiohttp_app", EXAMPLE)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLE.parent))
     return module
 
 
 async def test_example_refuses_second_install(cluster: Cluster, tmp_path: Path) -> None:
     example = load_example()
-    settings = argparse.Namespace(models_dir=tmp_path, install_seconds=5.0)
+    settings = example.Settings(
+        nats_url="unused",
+        postgres_url="unused",
+        models_dir=tmp_path,
+        install_seconds=5.0,
+    )
     app = web.Application()
-    app[example.SETTINGS_KEY] = settings
-    app[example.CATALOG_KEY] = example.ModelCatalog(tmp_path)
+    app[example.SERVER_KEY] = example.ModelServer(settings)
     replistate_aiohttp.setup(app, await cluster.add("a", start=False))
     app.add_routes([web.post("/api/models/install/{model_id}", example.install)])
     client = TestClient(TestServer(app))
