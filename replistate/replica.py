@@ -83,6 +83,11 @@ class ReplicaConfig:
         resync_interval: seconds between periodic resyncs with the store, None
             for none. A resync also follows each bus reconnect and each gap in
             the versions of a job.
+        start_resync_delay: seconds after `start` when one resync runs, None for
+            none. A new NATS subscription was seen to miss, for a few
+            milliseconds after the server confirmed it, what other connections
+            published; an event lost there and written to the store after the
+            hydrate is found by this resync.
     """
 
     replica_id: str = attrs.field(factory=_new_replica_id, validator=_non_empty)
@@ -94,6 +99,7 @@ class ReplicaConfig:
     write_interval: float = 0.5
     write_retry_max: float = 5.0
     resync_interval: float | None = 30.0
+    start_resync_delay: float | None = 1.0
     lease: timedelta = timedelta(seconds=15)
     reap_interval: float = 5.0
     retention: float = 300.0
@@ -266,6 +272,7 @@ class Replica:
         logger.info("replica %r stopped", self.replica_id)
 
     async def _open(self) -> int:
+        opened_at = time.monotonic()
         if self.store is not None:
             await self.store.open()
             if self.config.create_schema:
@@ -287,8 +294,16 @@ class Replica:
                 f"version gap on job {job_id}"
             )
             resyncer.start()
+            if self.config.start_resync_delay is not None:
+                self._spawn(self._resync_after_start(opened_at))
         self.housekeeper.start()
         return count
+
+    async def _resync_after_start(self, started: float) -> None:
+        assert self.resyncer is not None
+        assert self.config.start_resync_delay is not None
+        await asyncio.sleep(self.config.start_resync_delay)
+        self.resyncer.request("catch-up after start", ended_since=started)
 
     async def _close(self) -> None:
         self._hydrated = False

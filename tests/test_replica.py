@@ -16,8 +16,9 @@ from replistate import (
     Replica,
     ReplicaConfig,
 )
+from replistate.testing import FaultyBroker
 
-from .conftest import Cluster
+from .conftest import Cluster, eventually
 
 
 class ChangingStore(InMemoryStore):
@@ -133,3 +134,34 @@ async def test_context_manager_starts_and_stops() -> None:
     async with Replica() as replica:
         assert replica.ready is True
     assert replica.ready is False
+
+
+async def test_resync_after_start_finds_end_the_bus_lost() -> None:
+    broker, store = FaultyBroker(seed=1), ChangingStore()
+    a = Replica(ReplicaConfig(replica_id="a"), bus=broker.connect(), store=store)
+    await a.start()
+    await a.operations.update_status("job-1", OpStatus(progress=40))
+    # The end is written while b hydrates, and its message never reaches b, as
+    # when a new NATS subscription is not yet in effect.
+    broker.drop("gallery.job-1.>")
+    store.writer = a
+    b = Replica(
+        ReplicaConfig(replica_id="b", resync_interval=None, start_resync_delay=0.1),
+        bus=broker.connect(),
+        store=store,
+    )
+
+    await b.start()
+    store.writer = None
+    broker.clear()
+
+    def ended() -> bool:
+        held = b.operations.get_status("job-1")
+        return held is not None and held.processed
+
+    await eventually(ended)
+    held = b.operations.get_status("job-1")
+    assert held is not None
+    assert held.message == "finished during start"
+    await a.stop()
+    await b.stop()
