@@ -118,7 +118,7 @@ async def test_routes_list_show_and_cancel_across_replicas(
             return [op for op in body["operations"] if op["jobID"] == job_id]
 
         async with asyncio.timeout(TIMEOUT):
-            while not (entries := await listed_on_peer()):
+            while not (entries := await listed_on_peer()):  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         assert entries[0]["id"] == "gallery@model-a"
         assert entries[0]["name"] == "model-a"
@@ -187,7 +187,7 @@ async def test_install_survives_the_client_disconnecting(
     await site.start()
     port = listener.getsockname()[1]
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
             b"POST /install HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
         )
