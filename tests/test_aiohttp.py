@@ -48,7 +48,7 @@ async def make_replica(
     nats_url: str, postgres_url: str, prefix: str, table_name: str
 ) -> AsyncIterator[ReplicaFactory]:
     """Make unstarted replicas on this test's subject prefix and table."""
-    made: list[Replica] = []
+    replicas: list[Replica] = []
 
     def make(replica_id: str, store_class: type = PostgresGalleryStore) -> Replica:
         replica = Replica(
@@ -60,11 +60,11 @@ async def make_replica(
             bus=NatsBus(nats_url, name=replica_id),
             store=store_class(postgres_url, table=table_name),
         )
-        made.append(replica)
+        replicas.append(replica)
         return replica
 
     yield make
-    for replica in made:
+    for replica in replicas:
         await replica.stop()
     await drop_table(postgres_url, table_name)
 
@@ -80,7 +80,7 @@ async def block_until_cancelled(handle: OperationHandle) -> None:
     await asyncio.Event().wait()
 
 
-async def test_setup_starts_and_stops_the_replica(
+async def test_setup_starts_and_stops_replica(
     make_replica: ReplicaFactory,
 ) -> None:
     replica = make_replica("web-1")
@@ -99,7 +99,7 @@ async def test_setup_starts_and_stops_the_replica(
     assert replica.ready is False
 
 
-async def test_routes_list_show_and_cancel_across_replicas(
+async def test_routes_cancel_across_replicas(
     make_replica: ReplicaFactory,
 ) -> None:
     owner, peer = make_replica("web-1"), make_replica("web-2")
@@ -153,7 +153,7 @@ async def test_routes_list_show_and_cancel_across_replicas(
         await peer_client.close()
 
 
-async def test_install_survives_the_client_disconnecting(
+async def test_install_survives_client_disconnect(
     make_replica: ReplicaFactory, postgres_url: str, table_name: str
 ) -> None:
     owner = make_replica("web-1", SlowPlaceholderStore)
