@@ -36,6 +36,7 @@ from replistate.subjects import Subjects, validate_job_id
 
 __all__ = [
     "CancelOutcome",
+    "ChangeListener",
     "OperationHandle",
     "OperationsService",
     "Work",
@@ -62,6 +63,10 @@ class CancelOutcome(enum.Enum):
 class _MirroredStatus:
     status: OpStatus
     version: int | None
+
+
+ChangeListener = Callable[[str, OpStatus], None]
+"""Called with the job id and the new status after a held status changes."""
 
 
 class OperationsService:
@@ -122,6 +127,7 @@ class OperationsService:
         # Jobs dropped by retention, so a resync does not bring them back.
         self._pruned: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.on_gap: Callable[[str], None] | None = None
+        self._change_listeners: list[ChangeListener] = []
         """Called with the job id when a received version skips one or more."""
         self.runner = OperationRunner(self)
         opcache.is_active = self.is_active
@@ -158,6 +164,23 @@ class OperationsService:
             return None
         self._apply(job_id, record.to_status(), record.version)
         return self.get_status(job_id)
+
+    def on_change(self, listener: ChangeListener) -> Callable[[], None]:
+        """Call `listener(job_id, status)` after each change of a held status.
+
+        Changes from this replica, from peers, from the store and from resyncs
+        all count. The listener runs inside the bus callback, so it must not
+        block; an exception it raises is logged. Returns a function removing it.
+        """
+        self._change_listeners.append(listener)
+        return lambda: self._change_listeners.remove(listener)
+
+    def _changed(self, job_id: str, status: OpStatus) -> None:
+        for listener in list(self._change_listeners):
+            try:
+                listener(job_id, status)
+            except Exception:
+                logger.exception("change listener failed for job %r", job_id)
 
     def statuses(self) -> dict[str, OpStatus]:
         """Return a copy of every status held, by job id."""
@@ -354,6 +377,7 @@ class OperationsService:
                 # An end this replica saw lost to another one in the store.
                 self._held[job_id] = _MirroredStatus(status, version)
                 self._note_terminal(job_id, status)
+                self._changed(job_id, status)
                 return True
             self.runner.abandon(job_id)
         return self._apply(job_id, status, version)
@@ -380,6 +404,7 @@ class OperationsService:
                 version = held.version
         self._held[job_id] = _MirroredStatus(status, version)
         self._note_terminal(job_id, status)
+        self._changed(job_id, status)
         return True
 
     @property

@@ -568,3 +568,32 @@ async def test_versionless_status_keeps_ordering(cluster: Cluster) -> None:
     assert held is not None
     assert held.progress == 35
     assert b.operations.version_of("job-1") == 3
+
+
+async def test_change_listener_sees_local_and_peer(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    seen: list[tuple[str, float]] = []
+
+    def failing(job_id: str, status: OpStatus) -> None:
+        raise RuntimeError("listener bug")
+
+    b.operations.on_change(failing)
+    remove = b.operations.on_change(
+        lambda job_id, status: seen.append((job_id, status.progress))
+    )
+    await b.operations.update_status("job-b", OpStatus(progress=10))
+    await a.operations.update_status("job-a", OpStatus(progress=20))
+    await cluster.settle()
+    await a.operations.update_status("job-a", OpStatus(progress=20))
+    await cluster.settle()
+
+    assert seen == [("job-b", 10.0), ("job-a", 20.0), ("job-a", 20.0)]
+    assert "change listener failed for job 'job-b'" in caplog.text
+
+    remove()
+    await a.operations.update_status("job-a", OpStatus(progress=30))
+    await cluster.settle()
+    assert len(seen) == 3
