@@ -403,9 +403,21 @@ class Replica:
                 self.operations.handle_invalidation,
             ),
         ]
+        # The codec writes JSON without spaces, so this is exactly how the origin
+        # field of this replica's own messages reads.
+        own_origin = codec.encode({"origin": self.replica_id})[1:-1]
         for pattern, decoder, handler in pairs:
+            # Progress and OpCache handlers ignore this replica's own messages,
+            # but its invalidation hooks run on the echo.
+            skip = (
+                own_origin
+                if pattern in (subjects.all_progress, subjects.all_opcache)
+                else None
+            )
             self._subscriptions.append(
-                await channel.subscribe(pattern, decoder, self._gate(handler))
+                await channel.subscribe(
+                    pattern, decoder, self._gate(handler), skip_marker=skip
+                )
             )
         if self.bus is not None:
             await self.bus.flush()

@@ -430,3 +430,34 @@ async def test_nats_bus_survives_server_restart() -> None:
         assert await inbox.wait_for(1) == [("restart.topic", b"after restart")]
         assert states == [BusState.DISCONNECTED, BusState.CONNECTED]
         await bus.close()
+
+
+async def test_channel_skips_marked_payloads(
+    bus_factory: BusFactory, prefix: str
+) -> None:
+    bus = await bus_factory()
+    channel = Channel(bus)
+    received: list[str] = []
+
+    async def handler(subject: str, message: CancelMessage) -> None:
+        received.append(message.origin or "")
+
+    await channel.subscribe(
+        f"{prefix}.*.cancel",
+        Channel.decoder(CancelMessage),
+        handler,
+        skip_marker=b'"origin":"self"',
+    )
+    await bus.flush()
+
+    for origin in ("self", "peer", "selfish"):
+        await channel.publish(
+            f"{prefix}.job-1.cancel", CancelMessage(id="job-1", origin=origin)
+        )
+    # One subscription gets its messages in order, so "selfish", published
+    # last, arrives after "self" was skipped.
+    async with asyncio.timeout(TIMEOUT):
+        while len(received) < 2:  # noqa: ASYNC110 - the handler sets no event
+            await asyncio.sleep(0.01)
+
+    assert received == ["peer", "selfish"]

@@ -597,3 +597,19 @@ async def test_change_listener_sees_local_and_peer(
     await a.operations.update_status("job-a", OpStatus(progress=30))
     await cluster.settle()
     assert len(seen) == 3
+
+
+async def test_progress_reaches_peer_with_prefix_id(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    ab = await cluster.add("ab")
+
+    await ab.operations.update_status("job-1", OpStatus(progress=30))
+    await a.operations.update_status("job-2", OpStatus(progress=60))
+    await cluster.settle()
+
+    from_ab = a.operations.get_status("job-1")
+    from_a = ab.operations.get_status("job-2")
+    assert from_ab is not None
+    assert from_ab.progress == 30
+    assert from_a is not None
+    assert from_a.progress == 60

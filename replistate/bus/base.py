@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
@@ -152,8 +153,12 @@ def raised_by_callback(error: BaseException) -> bool:
     return isinstance(error, Exception)
 
 
+@functools.lru_cache(maxsize=4096)
 def validate_subject(subject: str, *, pattern: bool = False) -> str:
     """Return `subject` if NATS accepts it for publishing, or as a pattern.
+
+    Results are cached, because the subjects of one job are published again and
+    again; an invalid subject raises every time.
 
     Raises:
         ValueError: the subject is empty, has an empty token or whitespace, or,
@@ -219,6 +224,8 @@ class Channel:
         pattern: str,
         decoder: Callable[[str, bytes, int], M],
         handler: Callable[[str, M], Awaitable[None]],
+        *,
+        skip_marker: bytes | None = None,
     ) -> Subscription:
         """Subscribe `handler` to the decoded messages matching `pattern`.
 
@@ -228,9 +235,14 @@ class Channel:
                 `DecodeError` or `PayloadTooLargeError` for a bad payload;
                 `Channel.decoder(SomeMessage)` builds one for a single type.
             handler: called with the subject and the decoded message.
+            skip_marker: payloads containing these bytes are ignored without
+                being decoded. A replica passes its own origin field, so the
+                messages it published itself cost no decoding.
         """
 
         async def receive(subject: str, data: bytes) -> None:
+            if skip_marker is not None and skip_marker in data:
+                return
             try:
                 message = decoder(subject, data, self.max_payload)
             except PayloadTooLargeError as exc:

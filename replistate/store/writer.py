@@ -119,7 +119,10 @@ class StoreWriter:
             op_type,
         )
         self._idle.clear()
-        self._wake.set()
+        if held is None or urgent:
+            # A replaced write keeps its due time, which the writer waits for
+            # already; waking it for every progress tick would cost a task switch.
+            self._wake.set()
 
     async def flush(self) -> None:
         """Wait until every pending write is stored.
