@@ -166,8 +166,9 @@ class OpStatus:
             return OpState.CANCELLED
         if self.processed:
             return OpState.FAILED if self.error is not None else OpState.COMPLETED
-        if self.progress >= 100 or any(
-            node.status is NodeState.RUNNING_ON_WORKER for node in self.nodes
+        if self.progress >= 100 or (
+            self.nodes
+            and any(node.status is NodeState.RUNNING_ON_WORKER for node in self.nodes)
         ):
             return OpState.PROCESSING
         if self.progress > 0 or self.downloaded_size:
@@ -177,7 +178,9 @@ class OpStatus:
     @property
     def terminal(self) -> bool:
         """Whether the operation completed, failed or was cancelled."""
-        return self.state.terminal
+        # The same as `state.terminal`, without building the state: this runs
+        # for every status change.
+        return self.cancelled or self.processed
 
     @property
     def exception(self) -> OperationFailed | None:
