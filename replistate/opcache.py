@@ -66,6 +66,8 @@ class OpCache:
         self.store = store
         self._by_key: dict[str, OpCacheEntry] = {}
         self._key_by_job: dict[str, str] = {}
+        self.revision = 0
+        """Grows with every change of the entries, so readers can cache."""
         # Jobs whose entry was removed, oldest first, so a start event or a row
         # that arrives after the end cannot bring the entry back.
         self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -237,6 +239,7 @@ class OpCache:
             self._by_key.pop(previous_key, None)
         self._by_key[entry.cache_key] = entry
         self._key_by_job[entry.job_id] = entry.cache_key
+        self.revision += 1
 
     def _remove(self, job_id: str) -> OpCacheEntry | None:
         self._ended[job_id] = None
@@ -246,6 +249,7 @@ class OpCache:
         cache_key = self._key_by_job.pop(job_id, None)
         if cache_key is None:
             return None
+        self.revision += 1
         return self._by_key.pop(cache_key, None)
 
     async def _publish(self, subject: str, message: object, job_id: str) -> None:

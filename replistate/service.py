@@ -128,6 +128,8 @@ class OperationsService:
         self._pruned: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.on_gap: Callable[[str], None] | None = None
         self._change_listeners: list[ChangeListener] = []
+        self.revision = 0
+        """Grows with every change of the held statuses, so readers can cache."""
         """Called with the job id when a received version skips one or more."""
         self.runner = OperationRunner(self)
         opcache.is_active = self.is_active
@@ -176,6 +178,7 @@ class OperationsService:
         return lambda: self._change_listeners.remove(listener)
 
     def _changed(self, job_id: str, status: OpStatus) -> None:
+        self.revision += 1
         for listener in list(self._change_listeners):
             try:
                 listener(job_id, status)
@@ -309,6 +312,7 @@ class OperationsService:
         status = held.status.merged_with(decided) if held else decided
         self._held[job_id] = _MirroredStatus(status, version)
         self._note_terminal(job_id, status)
+        self._changed(job_id, status)
         if self.channel is not None:
             message = ProgressMessage(
                 job_id=job_id, status=status, origin=self.replica_id, version=version
@@ -384,6 +388,7 @@ class OperationsService:
 
     def forget(self, job_id: str) -> None:
         """Drop the status of `job_id` from memory."""
+        self.revision += 1
         self._held.pop(job_id, None)
         self._terminal_since.pop(job_id, None)
 
@@ -444,6 +449,8 @@ class OperationsService:
         expired = [
             job_id for job_id, since in self._terminal_since.items() if since < deadline
         ]
+        if expired:
+            self.revision += 1
         for job_id in expired:
             del self._terminal_since[job_id]
             self._held.pop(job_id, None)

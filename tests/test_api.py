@@ -5,13 +5,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from replistate import NodeProgress, NodeState, OperationHandle, OpStatus, Replica
+from replistate import (
+    NodeProgress,
+    NodeState,
+    OperationHandle,
+    OperationRecord,
+    OpState,
+    OpStatus,
+    Replica,
+)
 from replistate.integrations import aiohttp as replistate_aiohttp
-from replistate.integrations.api import operation_entry
+from replistate.integrations.api import operation_entry, operations_body
 
 from .conftest import Cluster
 
@@ -164,3 +173,44 @@ async def test_ready_route_reports_state(
     await replica.bus.close()
     not_ready = await client_a.get("/api/ready")
     assert not_ready.status == 503
+
+
+async def test_operations_body_follows_changes(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    empty = operations_body(a)
+    assert orjson.loads(empty) == {"operations": []}
+    assert operations_body(a) is empty
+
+    async def wait(handle: OperationHandle) -> None:
+        await asyncio.Event().wait()
+
+    job_id = await a.operations.start_operation(
+        "gallery@m", wait, element_name="m", job_id="job-1"
+    )
+    listed = operations_body(a)
+    assert [op["jobID"] for op in orjson.loads(listed)["operations"]] == [job_id]
+    assert operations_body(a) is listed
+
+    await a.operations.update_status(job_id, OpStatus(progress=30, cancellable=True))
+    progressed = orjson.loads(operations_body(a))["operations"]
+    assert progressed[0]["progress"] == 30
+
+    a.opcache.discard(job_id)
+    assert orjson.loads(operations_body(a)) == {"operations": []}
+
+
+async def test_change_listener_sees_adopted_end(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    seen: list[tuple[str, bool]] = []
+    a.operations.on_change(
+        lambda job_id, status: seen.append((job_id, status.cancelled))
+    )
+    await a.operations.update_status("job-1", OpStatus(progress=10))
+    revision = a.operations.revision
+
+    await a.operations.adopt_stored(
+        OperationRecord(id="job-1", status=OpState.CANCELLED, version=5)
+    )
+
+    assert seen == [("job-1", False), ("job-1", True)]
+    assert a.operations.revision == revision + 1

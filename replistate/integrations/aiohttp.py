@@ -21,7 +21,7 @@ from replistate.integrations.api import (
     cancel_response,
     health_response,
     job_response,
-    operations_response,
+    operations_body,
 )
 from replistate.replica import Replica
 
@@ -60,7 +60,10 @@ def routes(prefix: str = "/api") -> list[web.RouteDef]:
     prefix = prefix.rstrip("/")
 
     async def list_operations(request: web.Request) -> web.Response:
-        return web.json_response(operations_response(request.app[REPLICA_KEY]))
+        return web.Response(
+            body=operations_body(request.app[REPLICA_KEY]),
+            content_type="application/json",
+        )
 
     async def get_job(request: web.Request) -> web.Response:
         status, body = await job_response(

@@ -6,7 +6,10 @@ The shapes are those the LocalAI web UI polls: `GET /api/operations` returns
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
+
+import orjson
 
 from replistate.codec import converter
 from replistate.errors import BusError, InvalidIdError
@@ -19,6 +22,7 @@ __all__ = [
     "health_response",
     "job_response",
     "operation_entry",
+    "operations_body",
     "operations_response",
 ]
 
@@ -61,6 +65,26 @@ def operation_entry(
     if current.nodes:
         entry["nodes"] = converter.unstructure(current.nodes)
     return entry
+
+
+_cached_bodies: weakref.WeakKeyDictionary[Replica, tuple[tuple[int, int], bytes]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def operations_body(replica: Replica) -> bytes:
+    """Return `operations_response` encoded as JSON bytes.
+
+    The bytes are kept until the mirror or the OpCache changes, so the many
+    clients that poll the list each second cost one encoding per change.
+    """
+    revision = (replica.operations.revision, replica.opcache.revision)
+    cached = _cached_bodies.get(replica)
+    if cached is not None and cached[0] == revision:
+        return cached[1]
+    body = orjson.dumps(operations_response(replica))
+    _cached_bodies[replica] = (revision, body)
+    return body
 
 
 def operations_response(replica: Replica) -> dict[str, Any]:
