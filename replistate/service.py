@@ -13,6 +13,7 @@ A status without a version (from a LocalAI peer) is subject to the second rule o
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import enum
 import inspect
@@ -501,23 +502,36 @@ class OperationsService:
             return CancelOutcome.NOT_CANCELLABLE
         if self.channel is None:
             return CancelOutcome.UNKNOWN
-        if self.store is not None:
-            # Stored first: an owner that misses the message finds it on
-            # reconnect, and the reaper finishes the cancel of an orphan.
-            try:
-                await self.store.request_cancel(job_id)
-            except StoreError as exc:
-                logger.warning(
-                    "cancel intent of job %r not stored, sent on the bus only: %s",
-                    job_id,
-                    exc,
-                )
+        # The intent is stored while the message goes out, so the store's round
+        # trip does not delay the owner. An owner that misses the message finds
+        # the intent at its next check, on reconnect and every reap period, and
+        # the reaper finishes the cancel of an orphan.
+        storing = (
+            asyncio.create_task(self._store_cancel_intent(job_id))
+            if self.store is not None
+            else None
+        )
         message = CancelMessage(
             id=job_id, origin=self.replica_id, version=self.version_of(job_id)
         )
-        await self.channel.publish(self.subjects.cancel(job_id), message)
+        try:
+            await self.channel.publish(self.subjects.cancel(job_id), message)
+        finally:
+            if storing is not None:
+                await storing
         logger.info("cancel of job %r sent to its owner", job_id)
         return CancelOutcome.ACCEPTED
+
+    async def _store_cancel_intent(self, job_id: str) -> None:
+        assert self.store is not None
+        try:
+            await self.store.request_cancel(job_id)
+        except StoreError as exc:
+            logger.warning(
+                "cancel intent of job %r not stored, sent on the bus only: %s",
+                job_id,
+                exc,
+            )
 
     async def handle_cancel(self, subject: str, message: CancelMessage) -> None:
         """Run the cancel function of a job if it is registered on this replica."""
