@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 import psycopg
 import psycopg_pool
 from psycopg import sql
-from psycopg.rows import dict_row
 
 from replistate.errors import StoreError
 from replistate.models import (
@@ -113,6 +113,7 @@ WHERE held.version < EXCLUDED.version
     AND held.status <> ALL(%(terminal)s)
 """
 
+# `_record` reads the columns by position, in this order.
 _COLUMNS = """
     id, gallery_element_name, cache_key, is_backend_op, op_type, status, progress,
     message, error, file_name, total_file_size, downloaded_file_size, frontend_id,
@@ -166,26 +167,48 @@ _REQUEST_CANCEL = (
 )
 
 
-def _record(row: dict[str, Any]) -> OperationRecord:
-    """Build a record from a row, reading values other writers may leave.
+_OP_TYPES = {op_type.value: op_type for op_type in OpType}
+_OP_STATES = {state.value: state for state in OpState}
 
-    A status this module does not write, such as ``queued``, is read as pending
-    and logged, so one odd row never stops a replica from starting.
+
+def _record(row: Sequence[Any]) -> OperationRecord:
+    """Build a record from a row of `_COLUMNS`, reading values other writers may
+    leave.
+
+    An unknown op type is read as an install. A status this module does not
+    write, such as ``queued``, is read as pending and logged, so one odd row never
+    stops a replica from starting. Columns are read by position and enums through
+    dictionaries, because a starting replica builds a record for every active row.
     """
-    try:
-        op_type = OpType(row["op_type"])
-    except ValueError:
-        op_type = OpType.INSTALL
-    try:
-        status = OpState(row["status"])
-    except ValueError:
+    status = _OP_STATES.get(row[5])
+    if status is None:
         logger.warning(
             "job %r has unknown status %r in the store: read as pending",
-            row["id"],
-            row["status"],
+            row[0],
+            row[5],
         )
         status = OpState.PENDING
-    return OperationRecord(**{**row, "op_type": op_type, "status": status})
+    return OperationRecord(
+        id=row[0],
+        gallery_element_name=row[1],
+        cache_key=row[2],
+        is_backend_op=row[3],
+        op_type=_OP_TYPES.get(row[4], OpType.INSTALL),
+        status=status,
+        progress=row[6],
+        message=row[7],
+        error=row[8],
+        file_name=row[9],
+        total_file_size=row[10],
+        downloaded_file_size=row[11],
+        frontend_id=row[12],
+        cancellable=row[13],
+        created_at=row[14],
+        updated_at=row[15],
+        version=row[16],
+        lease_expires_at=row[17],
+        cancel_requested=row[18],
+    )
 
 
 MAX_IDENTIFIER_BYTES = 63
@@ -382,11 +405,10 @@ class PostgresGalleryStore:
 
     async def _fetch(
         self, name: str, template: str, params: dict[str, Any]
-    ) -> list[dict[str, Any]]:
+    ) -> list[tuple[Any, ...]]:
         try:
             async with self._pool.connection() as conn:
-                cursor = conn.cursor(row_factory=dict_row)
-                await cursor.execute(self._statement(name, template), params)
+                cursor = await conn.execute(self._statement(name, template), params)
                 return await cursor.fetchall()
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise self._error(name, params, exc) from exc
