@@ -1,0 +1,92 @@
+"""How many status updates per second one owner sustains with every peer keeping up.
+
+The owner, in the measuring process, sends updates spread over 100 jobs as fast as
+it can; two peers in their own processes hold every update. The time runs from
+the first send until both peers hold the last update, which each peer handles in
+order after all earlier ones. The baseline sends as many raw nats-py messages of
+the same size to two wildcard subscribers in peer processes, which count what
+they receive, so a subscriber that fell behind and lost messages shows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import attrs
+import nats
+
+from benchmarks.common import Peer, Scope, Servers, peer, replicas
+from benchmarks.propagation import padded, sample_status
+
+JOBS = 100
+PEERS = 2
+FINAL_TIMEOUT = 60.0
+
+
+@attrs.frozen
+class Throughput:
+    """Updates per second of one run, and whether every peer got them all."""
+
+    per_second: float
+    complete: bool
+
+
+async def final_times(receivers: list[Peer], label: str) -> list[list[str]]:
+    """Return the report line of each receiver for `label`."""
+    lines = []
+    for receiver in receivers:
+        while (fields := await receiver.read(FINAL_TIMEOUT))[0] != label:
+            pass
+        lines.append(fields)
+    return lines
+
+
+async def replistate_throughput(servers: Servers, updates: int) -> Throughput:
+    """Measure updates per second from one owner replica to two peer replicas."""
+    scope = Scope.new()
+    async with contextlib.AsyncExitStack() as stack:
+        receivers = [
+            await stack.enter_async_context(
+                peer("watch-replistate", servers, scope, replica_id=f"bench-{index}")
+            )
+            for index in range(PEERS)
+        ]
+        (owner,) = await stack.enter_async_context(
+            replicas(servers, scope, "bench-owner")
+        )
+        statuses = [sample_status(f"downloading {index}") for index in range(updates)]
+        began = time.perf_counter()
+        for index, status in enumerate(statuses):
+            await owner.operations.update_status(f"job-{index % JOBS}", status)
+        await owner.operations.update_status("job-final", sample_status("report:end"))
+        lines = await final_times(receivers, "report:end")
+        elapsed = max(float(fields[1]) for fields in lines) - began
+        complete = all(int(fields[2]) == updates + 1 for fields in lines)
+        return Throughput(updates / elapsed, complete=complete)
+
+
+async def nats_throughput(servers: Servers, updates: int) -> Throughput:
+    """Measure raw nats-py messages per second to two wildcard subscribers."""
+    scope = Scope.new()
+    async with contextlib.AsyncExitStack() as stack:
+        receivers = [
+            await stack.enter_async_context(
+                peer("watch-nats", servers, scope, subject=f"{scope.prefix}.*.progress")
+            )
+            for _ in range(PEERS)
+        ]
+        client = await nats.connect(servers.nats_url)
+        stack.push_async_callback(client.close)
+        payloads = [padded(f"downloading-{index}").encode() for index in range(updates)]
+        subjects = [f"{scope.prefix}.job-{index}.progress" for index in range(JOBS)]
+        began = time.perf_counter()
+        for index, payload in enumerate(payloads):
+            await client.publish(subjects[index % JOBS], payload)
+        await client.publish(
+            f"{scope.prefix}.job-final.progress", padded("report:end").encode()
+        )
+        lines = await final_times(receivers, "report:end")
+        elapsed = max(float(fields[1]) for fields in lines) - began
+        complete = all(int(fields[2]) == updates + 1 for fields in lines)
+        return Throughput(updates / elapsed, complete=complete)
