@@ -2,9 +2,9 @@
 
 A replica publishes an invalidation when a change on disk or in a database means
 peers must reload a derived cache, such as the list of installed models. Every
-replica, the publisher included through its own echo, runs its hooks once per
-invalidation. In standalone mode, or when the bus cannot take the message, the
-hooks run locally.
+replica runs its hooks once per invalidation. The publisher runs them when its own
+message comes back, or right after publishing on a bus without echo. In
+standalone mode, or when the bus cannot take the message, the hooks run locally.
 """
 
 from __future__ import annotations
@@ -156,4 +156,8 @@ class Invalidations:
                 subject,
                 exc,
             )
+            await self.handle_invalidation(subject, message)
+            return
+        if not getattr(self.channel.bus, "echo", True):
+            # This replica's own message does not come back to it.
             await self.handle_invalidation(subject, message)

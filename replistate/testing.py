@@ -28,7 +28,12 @@ from typing import Any
 import attrs
 
 from replistate._servers import ThrowawayNats, ThrowawayPostgres
-from replistate.bus.memory import InMemoryBroker, InMemoryBus, _MemorySubscription
+from replistate.bus.memory import (
+    InMemoryBroker,
+    InMemoryBus,
+    _MemorySubscription,
+    receives,
+)
 from replistate.replica import Replica, ReplicaConfig
 from replistate.store.base import GalleryStore
 from replistate.store.memory import InMemoryStore
@@ -131,15 +136,9 @@ class FaultyBroker(InMemoryBroker):
             self._delays_done = asyncio.Event()
             await self._delays_done.wait()
 
-    def connect(self) -> InMemoryBus:
-        """Return a new, not yet connected, bus on this broker."""
-        return InMemoryBus(self)
-
-    def _route(self, subject: str, data: bytes) -> None:
+    def _route(self, subject: str, data: bytes, sender: InMemoryBus) -> None:
         for subscription in list(self._subscriptions):
-            if subscription.bus.connected and subject_matches(
-                subscription.pattern, subject
-            ):
+            if receives(subscription, subject, sender):
                 self._deliver(subscription, subject, data)
 
     def _hit(self, kind: str, subject: str) -> Fault | None:

@@ -14,6 +14,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
+from typing import Protocol
 
 import attrs
 import psycopg
@@ -87,7 +88,10 @@ def table_name() -> str:
     return f"gallery_operations_{uuid.uuid4().hex[:10]}"
 
 
-BusFactory = Callable[[], Awaitable[MessageBus]]
+class BusFactory(Protocol):
+    """Makes a connected bus; see the `bus_factory` fixture."""
+
+    def __call__(self, *, echo: bool = True) -> Awaitable[MessageBus]: ...
 
 
 @pytest.fixture(params=["memory", "nats"])
@@ -98,12 +102,14 @@ async def bus_factory(
     made: list[MessageBus] = []
     broker = InMemoryBroker()
 
-    async def make() -> MessageBus:
+    async def make(*, echo: bool = True) -> MessageBus:
         bus: MessageBus
         if request.param == "memory":
-            bus = broker.connect()
+            bus = broker.connect(echo=echo)
         else:
-            bus = NatsBus(request.getfixturevalue("nats_url"), connect_timeout=5)
+            bus = NatsBus(
+                request.getfixturevalue("nats_url"), connect_timeout=5, echo=echo
+            )
         await bus.connect()
         made.append(bus)
         return bus

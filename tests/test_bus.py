@@ -400,7 +400,7 @@ async def test_nats_bus_survives_server_restart() -> None:
     from replistate._servers import ThrowawayNats
 
     with ThrowawayNats() as server:
-        bus = NatsBus(server.url, reconnect_wait=0.1)
+        bus = NatsBus(server.url, reconnect_wait=0.1, echo=True)
         await bus.connect()
         states: list[BusState] = []
         changed = asyncio.Event()
@@ -461,3 +461,25 @@ async def test_channel_skips_marked_payloads(
             await asyncio.sleep(0.01)
 
     assert received == ["peer", "selfish"]
+
+
+async def test_without_echo_publisher_misses_own(
+    bus_factory: BusFactory, prefix: str
+) -> None:
+    quiet = await bus_factory(echo=False)
+    peer = await bus_factory()
+    own, peers = Inbox(), Inbox()
+    await quiet.subscribe(f"{prefix}.topic", own)
+    await peer.subscribe(f"{prefix}.topic", peers)
+    await quiet.flush()
+    await peer.flush()
+    await wait_for_interest(quiet, peer, prefix)
+
+    await quiet.publish(f"{prefix}.topic", b"from quiet")
+    await peer.publish(f"{prefix}.topic", b"from peer")
+
+    assert await peers.wait_for(2) == [
+        (f"{prefix}.topic", b"from quiet"),
+        (f"{prefix}.topic", b"from peer"),
+    ]
+    assert await own.wait_for(1) == [(f"{prefix}.topic", b"from peer")]

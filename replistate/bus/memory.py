@@ -42,17 +42,29 @@ class InMemoryBroker:
         self.max_payload = max_payload
         self._subscriptions: list[_MemorySubscription] = []
 
-    def connect(self) -> InMemoryBus:
-        """Return a new, not yet connected, bus on this broker."""
-        return InMemoryBus(self)
+    def connect(self, *, echo: bool = True) -> InMemoryBus:
+        """Return a new, not yet connected, bus on this broker; see `InMemoryBus`
+        for `echo`."""
+        return InMemoryBus(self, echo=echo)
 
-    def _route(self, subject: str, data: bytes) -> None:
+    def _route(self, subject: str, data: bytes, sender: InMemoryBus) -> None:
         for subscription in list(self._subscriptions):
-            # A disconnected client misses messages, as on core NATS.
-            if subscription.bus.connected and subject_matches(
-                subscription.pattern, subject
-            ):
+            if receives(subscription, subject, sender):
                 subscription.deliver(subject, data)
+
+
+def receives(
+    subscription: _MemorySubscription, subject: str, sender: InMemoryBus
+) -> bool:
+    """Return whether `subscription` gets a message `sender` published on
+    `subject`."""
+    bus = subscription.bus
+    # A disconnected client misses messages, as on core NATS.
+    return (
+        bus.connected
+        and (bus.echo or bus is not sender)
+        and subject_matches(subscription.pattern, subject)
+    )
 
 
 class _MemorySubscription:
@@ -107,10 +119,15 @@ class InMemoryBus(StateNotifier):
 
     Args:
         broker: the shared medium; a private one is made when omitted.
+        echo: whether this client's own subscriptions receive what it
+            publishes, as NATS does unless the client connects with no echo.
     """
 
-    def __init__(self, broker: InMemoryBroker | None = None) -> None:
+    def __init__(
+        self, broker: InMemoryBroker | None = None, *, echo: bool = True
+    ) -> None:
         self.broker = broker if broker is not None else InMemoryBroker()
+        self.echo = echo
         super().__init__()
         self._subscriptions: list[_MemorySubscription] = []
 
@@ -147,7 +164,7 @@ class InMemoryBus(StateNotifier):
         validate_subject(subject)
         if len(data) > self.max_payload:
             raise PayloadTooLargeError(len(data), self.max_payload, subject=subject)
-        self.broker._route(subject, data)
+        self.broker._route(subject, data, self)
 
     async def subscribe(self, pattern: str, handler: Handler) -> _MemorySubscription:
         if not self.connected:

@@ -63,6 +63,10 @@ class NatsBus(StateNotifier):
         connect_timeout: seconds the first connection may take before `connect`
             raises `BusError`.
         reconnect_wait: seconds between reconnection attempts.
+        echo: whether this client's own subscriptions receive what it
+            publishes. A replica ignores its own messages and runs its own
+            invalidation hooks itself, so the default is no echo, which spares
+            the server and the client a copy of every message.
     """
 
     def __init__(
@@ -72,8 +76,10 @@ class NatsBus(StateNotifier):
         name: str | None = None,
         connect_timeout: float = 10.0,
         reconnect_wait: float = 0.5,
+        echo: bool = False,
     ) -> None:
         self.url = url
+        self.echo = echo
         self.name = name
         self.connect_timeout = connect_timeout
         self.reconnect_wait = reconnect_wait
@@ -104,6 +110,7 @@ class NatsBus(StateNotifier):
                     servers=servers,
                     name=self.name,
                     allow_reconnect=True,
+                    no_echo=not self.echo,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=self.reconnect_wait,  # type: ignore[arg-type]
                     connect_timeout=min(2, int(self.connect_timeout) or 1),
