@@ -9,6 +9,7 @@ from replistate.bus.memory import InMemoryBroker, InMemoryBus
 from replistate.bus.nats import NatsBus
 from replistate.errors import (
     BusError,
+    CallTimeoutError,
     CodecError,
     DecodeError,
     EncodeError,
@@ -41,6 +42,7 @@ from replistate.subjects import Subjects
 __all__ = [
     "BusError",
     "BusState",
+    "CallTimeoutError",
     "CancelOutcome",
     "Channel",
     "CodecError",

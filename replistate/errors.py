@@ -16,12 +16,14 @@ involved as attributes::
      +-- JobNotFoundError (LookupError)       the job is in neither mirror nor store
      +-- OperationFailed (RuntimeError)       the error text of a failed operation
      +-- NotStartedError (RuntimeError)       a replica was used before start()
+     +-- CallTimeoutError (TimeoutError)      a blocking call outlasted its timeout
 """
 
 from __future__ import annotations
 
 __all__ = [
     "BusError",
+    "CallTimeoutError",
     "CodecError",
     "DecodeError",
     "EncodeError",
@@ -138,3 +140,20 @@ class OperationFailed(ReplistateError, RuntimeError):
 
 class NotStartedError(ReplistateError, RuntimeError):
     """A replica was used before `start()` finished or after `stop()`."""
+
+
+class CallTimeoutError(ReplistateError, TimeoutError):
+    """A blocking call into the event loop of a replica did not finish in time.
+
+    Attributes:
+        call: what was called, such as ``"cancel of job '...'"``.
+        timeout: the time the call was allowed, in seconds.
+    """
+
+    def __init__(self, call: str, timeout: float) -> None:
+        self.call = call
+        self.timeout = timeout
+        super().__init__(
+            f"{call} timed out after {timeout:g} s; pass a larger timeout, or check "
+            "that the bus and the store respond"
+        )
