@@ -130,7 +130,7 @@ class OperationRunner:
             logger.warning(
                 "admission of job %r failed, its work will not run: %s",
                 handle.job_id,
-                exc or type(exc).__name__,
+                str(exc) or type(exc).__name__,
             )
             handle._request_cancel()
             raise

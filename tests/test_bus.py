@@ -483,3 +483,45 @@ async def test_without_echo_publisher_misses_own(
         (f"{prefix}.topic", b"from peer"),
     ]
     assert await own.wait_for(1) == [(f"{prefix}.topic", b"from peer")]
+
+
+async def test_nats_bus_closes_before_connect(nats_url: str) -> None:
+    from replistate import NatsBus
+
+    bus = NatsBus(nats_url)
+
+    await bus.close()
+
+    assert bus.connected is False
+
+
+async def test_start_reports_store_error_with_nats(nats_url: str, prefix: str) -> None:
+    from replistate import NatsBus, PostgresGalleryStore, Replica, ReplicaConfig
+    from replistate._servers import find_free_port
+    from replistate.errors import StoreError
+
+    closed_port = find_free_port()
+    replica = Replica(
+        ReplicaConfig(subject_prefix=prefix),
+        bus=NatsBus(nats_url),
+        store=PostgresGalleryStore(
+            f"postgresql://postgres@127.0.0.1:{closed_port}/none", timeout=1.0
+        ),
+    )
+
+    with pytest.raises(StoreError, match=str(closed_port)):
+        await replica.start()
+
+
+async def test_nats_connect_error_names_reason() -> None:
+    from replistate import NatsBus
+    from replistate._servers import find_free_port
+
+    bus = NatsBus(f"nats://127.0.0.1:{find_free_port()}", connect_timeout=1)
+
+    with pytest.raises(BusError) as caught:
+        await bus.connect()
+
+    assert "()" not in str(caught.value)
+    assert "within 1 s (" in str(caught.value)
+    await bus.close()

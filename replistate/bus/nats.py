@@ -87,6 +87,8 @@ class NatsBus(StateNotifier):
         super().__init__()
         self._subscriptions: list[_Subscription] = []
         self._closing = False
+        # nats-py asserts when a client that never connected is closed.
+        self._connected_once = False
 
     @property
     def connected(self) -> bool:
@@ -125,9 +127,10 @@ class NatsBus(StateNotifier):
             await self._client.close()
             raise BusError(
                 f"cannot connect to NATS at {self.url} within "
-                f"{self.connect_timeout:g} s ({exc or type(exc).__name__}); check "
+                f"{self.connect_timeout:g} s ({str(exc) or type(exc).__name__}); check "
                 "that nats-server runs there"
             ) from None
+        self._connected_once = True
         logger.info("connected to NATS at %s", self.url)
         self._set_state(BusState.CONNECTED)
 
@@ -172,6 +175,9 @@ class NatsBus(StateNotifier):
             raise closed_error("flush") from None
 
     async def close(self) -> None:
+        if not self._connected_once:
+            self._set_state(BusState.CLOSED)
+            return
         if self._client.is_closed:
             return
         self._closing = True
@@ -184,7 +190,7 @@ class NatsBus(StateNotifier):
         self._set_state(BusState.CLOSED)
 
     async def _on_error(self, error: Any) -> None:
-        logger.warning("NATS client error: %s", error or type(error).__name__)
+        logger.warning("NATS client error: %s", str(error) or type(error).__name__)
 
     async def _on_disconnected(self) -> None:
         if self._closing:
