@@ -9,7 +9,8 @@ round-robin proxy on 127.0.0.1 that sends each request to the next replica in
 turn (see `rrproxy` for its ``/_proxy/`` control endpoints) and prints one JSON
 line: ``{"event": "ready", "url": ..., "replicas": [{"name", "url", "pid"}], ...}``.
 
-With given servers the replicas work in a table of their own, dropped at exit.
+With given servers the replicas work in a table and under a subject prefix of their
+own, and the table is dropped at exit.
 On exit, Ctrl-C or SIGTERM, it stops every process and removes every folder it
 made.
 """
@@ -384,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
             say(f"started PostgreSQL on {postgres_url}")
         replica_args = ["--nats-url", nats_url, "--postgres-url", postgres_url]
         replica_args += ["--models-dir", str(work_dir / "models"), "--table", table]
+        if own_table:
+            # Given servers may be shared, so this group gets subjects of its own.
+            replica_args += ["--subject-prefix", table]
         if args.install_seconds is not None:
             replica_args += ["--install-seconds", str(args.install_seconds)]
         code = asyncio.run(serve(args, replica_args, table, work_dir, log_dir, say))

@@ -39,7 +39,7 @@ from replistate import (
     ReplicaConfig,
 )
 from replistate.codec import InvalidationMessage
-from replistate.subjects import validate_token
+from replistate.subjects import DEFAULT_CACHE_PREFIX, DEFAULT_PREFIX, validate_token
 
 logger = logging.getLogger("replistate.example")
 
@@ -62,9 +62,21 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 0
     table: str = "gallery_operations"
+    subject_prefix: str = DEFAULT_PREFIX
     lease_seconds: float = 15.0
     reap_seconds: float = 5.0
     install_seconds: float = 8.0
+
+
+def cache_prefix(subject_prefix: str) -> str:
+    """Return the invalidation prefix that goes with `subject_prefix`.
+
+    The default prefix keeps LocalAI's invalidation subjects; any other prefix
+    gets invalidation subjects of its own, so separate groups never mix.
+    """
+    if subject_prefix == DEFAULT_PREFIX:
+        return DEFAULT_CACHE_PREFIX
+    return f"{subject_prefix}.invalidate"
 
 
 def parse_settings(argv: list[str] | None, description: str) -> Settings:
@@ -94,6 +106,12 @@ def parse_settings(argv: list[str] | None, description: str) -> Settings:
         "--table",
         default=defaults.table.default,
         help="PostgreSQL table of the operations (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--subject-prefix",
+        default=defaults.subject_prefix.default,
+        help="first token of the operation subjects; replicas that work together "
+        "share it (default: %(default)s)",
     )
     parser.add_argument(
         "--lease-seconds",
@@ -127,6 +145,7 @@ ENV_NAMES = {
     "models_dir": "EXAMPLE_MODELS_DIR",
     "replica_id": "EXAMPLE_REPLICA_ID",
     "table": "EXAMPLE_TABLE",
+    "subject_prefix": "EXAMPLE_SUBJECT_PREFIX",
     "lease_seconds": "EXAMPLE_LEASE_SECONDS",
     "reap_seconds": "EXAMPLE_REAP_SECONDS",
     "install_seconds": "EXAMPLE_INSTALL_SECONDS",
@@ -137,8 +156,10 @@ ENV_NAMES = {
 def settings_from_env(environ: Mapping[str, str] = os.environ) -> Settings:
     """Read the settings from environment variables (see `ENV_NAMES`).
 
-    The replica id is left random unless set, so each worker process of a
-    pre-fork server is a replica of its own.
+    The replica id is random unless set. A server that imports the app once and
+    then forks workers, such as gunicorn with ``--preload``, reads the settings
+    once for all of them, so each worker must add something of its own to the
+    id, as `flask_app.create_app` adds the process id.
 
     Raises:
         SystemExit: a required variable is missing.
@@ -239,6 +260,8 @@ class ModelServer:
         replica = Replica(
             ReplicaConfig(
                 replica_id=settings.replica_id,
+                subject_prefix=settings.subject_prefix,
+                cache_prefix=cache_prefix(settings.subject_prefix),
                 lease=timedelta(seconds=settings.lease_seconds),
                 reap_interval=settings.reap_seconds,
             ),
