@@ -41,7 +41,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
 from replistate.errors import NotStartedError
@@ -49,7 +49,7 @@ from replistate.integrations.api import (
     cancel_response,
     health_response,
     job_response,
-    operations_response,
+    operations_body,
 )
 from replistate.replica import Replica
 
@@ -197,8 +197,10 @@ def router() -> Router:
     return Router(routes=routes(prefix=""))
 
 
-async def _list_operations(request: Request) -> JSONResponse:
-    return JSONResponse(operations_response(get_replica(request)))
+async def _list_operations(request: Request) -> Response:
+    return Response(
+        operations_body(get_replica(request)), media_type="application/json"
+    )
 
 
 async def _get_job(request: Request) -> JSONResponse:

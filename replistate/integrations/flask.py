@@ -40,13 +40,14 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
-from flask import Blueprint, Flask, current_app, has_app_context
+from flask import Blueprint, Flask, Response, current_app, has_app_context
 
 from replistate.errors import CallTimeoutError, ReplistateError
 from replistate.integrations.api import (
     cancel_response,
     health_response,
     job_response,
+    operations_body,
     operations_response,
 )
 from replistate.models import NodeProgress, OpStatus, OpType
@@ -547,6 +548,16 @@ class Replistate:
         call = f"listing of the operations of replica {replica.replica_id!r}"
         return self._run(read, call, timeout)
 
+    def operations_body(self, *, timeout: float | None = None) -> bytes:
+        """Return `operations` encoded as JSON, cached until the mirror changes."""
+        replica = self._started()
+
+        async def read() -> bytes:
+            return operations_body(replica)
+
+        call = f"listing of the operations of replica {replica.replica_id!r}"
+        return self._run(read, call, timeout)
+
     def job(
         self, job_id: str, *, timeout: float | None = None
     ) -> tuple[int, dict[str, Any]]:
@@ -805,8 +816,8 @@ def operations_blueprint(
         return state.extension
 
     @blueprint.get("/operations")
-    def list_operations() -> tuple[dict[str, Any], int]:
-        return extension().operations(), 200
+    def list_operations() -> Response:
+        return Response(extension().operations_body(), mimetype="application/json")
 
     @blueprint.get("/operations/<job_id>")
     def get_job(job_id: str) -> tuple[dict[str, Any], int]:
