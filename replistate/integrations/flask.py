@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import concurrent.futures
-import contextlib
 import functools
-import inspect
 import logging
 import os
 import threading
@@ -43,6 +40,17 @@ from typing import Any, TypeVar, cast
 from flask import Blueprint, Flask, Response, current_app, has_app_context
 
 from replistate.errors import CallTimeoutError, ReplistateError
+from replistate.integrations._loop_thread import (
+    LOOP_STOP_TIMEOUT,
+    EventLoopThread,
+    check_timeout,
+)
+from replistate.integrations._thread_work import (
+    BlockingOperationHandle,
+    ThreadWork,
+    in_thread,
+    is_coroutine_function,
+)
 from replistate.integrations.api import (
     cancel_response,
     health_response,
@@ -50,9 +58,9 @@ from replistate.integrations.api import (
     operations_body,
     operations_response,
 )
-from replistate.models import NodeProgress, OpStatus, OpType
+from replistate.models import OpType
 from replistate.replica import Replica
-from replistate.runner import OperationHandle, Work
+from replistate.runner import Work
 
 __all__ = [
     "EXTENSION_KEY",
@@ -69,151 +77,16 @@ T = TypeVar("T")
 EXTENSION_KEY = "replistate"
 """Key of the extension's state in ``app.extensions``."""
 
-LOOP_STOP_TIMEOUT = 5.0
-"""Seconds the tasks left on the event loop at interpreter exit get to end once
-cancelled."""
-
-ThreadWork = Callable[["BlockingOperationHandle"], object]
-"""Work of an operation written as a plain function, run in a thread of its own."""
-
-
-def _check_timeout(timeout: float, name: str) -> float:
-    if not timeout > 0:
-        raise ValueError(f"{name} must be a positive number of seconds, not {timeout}")
-    return timeout
-
-
-def _wait_on_loop(
-    loop: asyncio.AbstractEventLoop,
-    loop_thread_id: int | None,
-    function: Callable[[], Awaitable[T]],
-    call: str,
-    timeout: float,
-    *,
-    cancel_on_timeout: bool = True,
-) -> T:
-    """Run `function()` on `loop` and wait for its result at most `timeout` s.
-
-    `function` is called on the loop thread, so whatever it touches before its
-    first await runs there too.
-
-    Raises:
-        CallTimeoutError: the call did not finish in time. It is cancelled unless
-            `cancel_on_timeout` is false.
-        RuntimeError: the caller is the loop thread, where waiting would deadlock.
-    """
-    _check_timeout(timeout, "timeout")
-    if threading.get_ident() == loop_thread_id:
-        raise RuntimeError(
-            f"{call} blocks, so it cannot run on the replistate event loop thread: "
-            "await the coroutine there instead"
-        )
-
-    async def run() -> T:
-        return await function()
-
-    coroutine = run()
-    try:
-        future = asyncio.run_coroutine_threadsafe(coroutine, loop)
-    except RuntimeError:
-        coroutine.close()
-        raise
-    try:
-        done, _ = concurrent.futures.wait([future], timeout)
-    except BaseException:
-        # Interrupted while waiting, by KeyboardInterrupt for example.
-        if cancel_on_timeout:
-            future.cancel()
-        raise
-    if not done:
-        if cancel_on_timeout:
-            future.cancel()
-        raise CallTimeoutError(call, timeout)
-    # A TimeoutError raised by the call itself comes out here unchanged.
-    return future.result()
-
-
-class _EventLoopThread:
-    """An asyncio event loop running in a daemon thread of this process."""
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(
-            target=self._run, name="replistate-event-loop", daemon=True
-        )
-        self.thread.start()
-        logger.info("replistate event loop thread started in process %d", self.pid)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_forever()
-            self.loop.run_until_complete(self._cancel_tasks())
-            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-        finally:
-            self.loop.close()
-
-    async def _cancel_tasks(self) -> None:
-        tasks = asyncio.all_tasks() - {asyncio.current_task()}
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=LOOP_STOP_TIMEOUT)
-
-    def run(
-        self,
-        function: Callable[[], Awaitable[T]],
-        call: str,
-        timeout: float,
-        *,
-        cancel_on_timeout: bool = True,
-    ) -> T:
-        """Run `function()` on the loop; see `_wait_on_loop`."""
-        return _wait_on_loop(
-            self.loop,
-            self.thread.ident,
-            function,
-            call,
-            timeout,
-            cancel_on_timeout=cancel_on_timeout,
-        )
-
-    def stop(self, timeout: float) -> None:
-        """Stop the loop, cancel what still runs on it and close it."""
-        if self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            logger.warning(
-                "replistate event loop thread still running %.1f s after its stop",
-                timeout,
-            )
-
-    def abandon(self) -> None:
-        """Make the copy inherited by a forked child inert, touching nothing that
-        the parent shares.
-
-        The loop's epoll instance, its wake-up socket pair and every connection
-        are shared with the parent. Closing them here, or letting a finalizer
-        unregister a socket from that epoll instance, would break the parent's
-        loop. Marked closed, the loop skips every selector call, and tasks that
-        can never run here are dropped without an error report.
-        """
-        self.loop._closed = True  # type: ignore[attr-defined]
-        self.loop.set_exception_handler(lambda loop, context: None)
-
 
 _lock = threading.Lock()
-_loop_thread: _EventLoopThread | None = None
+_loop_thread: EventLoopThread | None = None
 _app_states: weakref.WeakSet[_AppState] = weakref.WeakSet()
 # Copies a forked child inherited from its parent, kept referenced so that no
 # finalizer runs on them while the child lives.
 _inherited: list[object] = []
 
 
-def _current_loop_thread() -> _EventLoopThread:
+def _current_loop_thread() -> EventLoopThread:
     """Return the event-loop thread of this process, starting it if needed."""
     global _loop_thread
     if _loop_thread is not None and _loop_thread.pid != os.getpid():
@@ -221,7 +94,7 @@ def _current_loop_thread() -> _EventLoopThread:
         _forget_parent()
     with _lock:
         if _loop_thread is None:
-            _loop_thread = _EventLoopThread()
+            _loop_thread = EventLoopThread()
         return _loop_thread
 
 
@@ -410,8 +283,8 @@ class Replistate:
         timeout: float = 10.0,
         start_timeout: float = 30.0,
     ) -> None:
-        self.timeout = _check_timeout(timeout, "timeout")
-        self.start_timeout = _check_timeout(start_timeout, "start_timeout")
+        self.timeout = check_timeout(timeout, "timeout")
+        self.start_timeout = check_timeout(start_timeout, "start_timeout")
         self._factory = replica
         self._app: Flask | None = None
         if app is not None:
@@ -638,10 +511,10 @@ class Replistate:
             InvalidIdError: the job id cannot be used in a subject.
         """
         replica = self._started()
-        if _is_coroutine_function(work):
+        if is_coroutine_function(work):
             run = cast(Work, work)
         else:
-            run = _in_thread(cast(ThreadWork, work), timeout or self.timeout)
+            run = in_thread(cast(ThreadWork, work), timeout or self.timeout)
         start = functools.partial(
             replica.operations.start_operation,
             cache_key,
@@ -654,137 +527,6 @@ class Replistate:
             exclusive=exclusive,
         )
         return self._run(start, f"start of an operation on {cache_key!r}", timeout)
-
-
-def _is_coroutine_function(function: object) -> bool:
-    # An object whose __call__ is an async def method counts too.
-    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
-        type(function).__call__
-    )
-
-
-class BlockingOperationHandle:
-    """Progress reporter given to operation work that runs in a thread.
-
-    It offers the methods of `OperationHandle` as blocking calls, each waiting for
-    the event loop at most the timeout of the call that started the operation.
-
-    Attributes:
-        job_id: the operation's job id.
-        cache_key: the OpCache key it acts on.
-        element_name: the gallery element it acts on.
-        op_type: install, delete or upgrade.
-    """
-
-    def __init__(
-        self, handle: OperationHandle, loop: asyncio.AbstractEventLoop, timeout: float
-    ) -> None:
-        self._handle = handle
-        self._loop = loop
-        self._loop_thread_id = threading.get_ident()
-        self._timeout = timeout
-        self._cancel_event = threading.Event()
-        self.job_id = handle.job_id
-        self.cache_key = handle.cache_key
-        self.element_name = handle.element_name
-        self.op_type = handle.op_type
-
-    @property
-    def status(self) -> OpStatus:
-        """The status held for this operation."""
-        return self._handle.status
-
-    @property
-    def cancel_requested(self) -> bool:
-        """Whether a cancel, or the stop of the replica, was requested."""
-        return self._cancel_event.is_set()
-
-    def wait_for_cancel(self, timeout: float | None = None) -> bool:
-        """Block until a cancel is requested or `timeout` seconds passed; return
-        whether one was requested. A sleep that a cancel interrupts."""
-        return self._cancel_event.wait(timeout)
-
-    def update(self, **changes: Any) -> bool:
-        """Write the held status with `changes` applied, such as ``progress=42.0``.
-
-        Returns whether it applied. It does not once the operation is terminal,
-        or once the event loop of this process is closed.
-
-        Raises:
-            CallTimeoutError: the event loop did not write it in time.
-        """
-        if self._loop.is_closed():
-            return False
-        return _wait_on_loop(
-            self._loop,
-            self._loop_thread_id,
-            functools.partial(self._handle.update, **changes),
-            f"status update of job {self.job_id!r}",
-            self._timeout,
-        )
-
-    def node(self, node: NodeProgress) -> OpStatus:
-        """Write one node's progress, merged by the rules of `OpStatus.with_node`.
-
-        Raises:
-            CallTimeoutError: the event loop did not write it in time.
-        """
-        if self._loop.is_closed():
-            return self.status
-        return _wait_on_loop(
-            self._loop,
-            self._loop_thread_id,
-            functools.partial(self._handle.node, node),
-            f"node update of job {self.job_id!r}",
-            self._timeout,
-        )
-
-
-def _in_thread(work: ThreadWork, timeout: float) -> Work:
-    """Wrap a plain work function into one the runner awaits."""
-
-    async def run(handle: OperationHandle) -> None:
-        loop = asyncio.get_running_loop()
-        blocking = BlockingOperationHandle(handle, loop, timeout)
-        ended: asyncio.Future[BaseException | None] = loop.create_future()
-
-        def report(error: BaseException | None) -> None:
-            if not ended.done():
-                ended.set_result(error)
-
-        def target() -> None:
-            error: BaseException | None = None
-            try:
-                result = work(blocking)
-                if inspect.isawaitable(result):
-                    if inspect.iscoroutine(result):
-                        result.close()
-                    raise TypeError(
-                        "the work function returned an awaitable: define it with "
-                        "async def to run it on the event loop"
-                    )
-            except BaseException as exc:
-                error = exc
-            # A loop closed at exit raises: the runner already left the operation.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(report, error)
-
-        thread = threading.Thread(
-            target=target, name=f"replistate-job-{handle.job_id}", daemon=True
-        )
-        thread.start()
-        try:
-            error = await asyncio.shield(ended)
-        except asyncio.CancelledError:
-            # The thread cannot be interrupted, so the work learns of the request
-            # through the handle and returns.
-            blocking._cancel_event.set()
-            await ended
-            raise
-        if error is not None:
-            raise error
-
-    return run
 
 
 def operations_blueprint(
