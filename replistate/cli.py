@@ -1,4 +1,8 @@
-"""The `replistate` command."""
+"""The `replistate` command: parses the command line and calls the command.
+
+`demo` lives in `replistate.demo`; `ops`, `watch` and `schema` in
+`replistate.admin`. docs/cli.md describes every command, option and exit code.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,26 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, TypeAlias
 
-__all__ = ["main"]
+from replistate.admin.command import ExitCode, run
+from replistate.admin.connections import (
+    DEFAULT_NATS_URL,
+    DEFAULT_POSTGRES_URL,
+    NATS_URL_ENV,
+    POSTGRES_URL_ENV,
+    url_from_env,
+)
+from replistate.admin.ops import cancel_operation, list_operations, show_operation
+from replistate.admin.schema import apply_schema, print_schema
+from replistate.admin.watch import watch
+from replistate.store.base import ACTIVE_WINDOW
+from replistate.store.postgres import DEFAULT_TABLE
+from replistate.subjects import DEFAULT_CACHE_PREFIX, DEFAULT_PREFIX
+
+__all__ = ["build_parser", "main"]
 
 
 MIN_INSTALL_SECONDS = 3.0
@@ -26,14 +48,89 @@ def install_seconds(text: str) -> float:
     return value
 
 
+def positive_number(text: str) -> float:
+    """Parse a number of seconds greater than zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not greater than zero")
+    return value
+
+
+def positive_integer(text: str) -> int:
+    """Parse a whole number greater than zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid whole number {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not greater than zero")
+    return value
+
+
+Dispatch = Callable[[argparse.Namespace], int]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Return the parser of the `replistate` command line."""
+    """Return the parser of the `replistate` command line.
+
+    The URL defaults are read from the environment when this is called.
+    """
     parser = argparse.ArgumentParser(
         prog="replistate",
         description="Operation state kept consistent across web app replicas.",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(commands)
+    _add_ops(commands)
+    _add_watch(commands)
+    _add_schema(commands)
+    return parser
 
+
+if TYPE_CHECKING:
+    # argparse gives the type of its subparsers no public name.
+    Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def _add_postgres_options(parser: argparse.ArgumentParser, *, used: str = "") -> None:
+    parser.add_argument(
+        "--postgres-url",
+        metavar="URL",
+        default=url_from_env(POSTGRES_URL_ENV, DEFAULT_POSTGRES_URL),
+        help=f"PostgreSQL URL{used} (default: ${POSTGRES_URL_ENV}, else "
+        f"{DEFAULT_POSTGRES_URL})",
+    )
+    parser.add_argument(
+        "--table",
+        default=DEFAULT_TABLE,
+        help="table of the operations, optionally as SCHEMA.TABLE "
+        "(default: %(default)s)",
+    )
+
+
+def _add_nats_options(parser: argparse.ArgumentParser, *, used: str = "") -> None:
+    parser.add_argument(
+        "--nats-url",
+        metavar="URL",
+        default=url_from_env(NATS_URL_ENV, DEFAULT_NATS_URL),
+        help=f"NATS server URL{used} (default: ${NATS_URL_ENV}, else "
+        f"{DEFAULT_NATS_URL})",
+    )
+    parser.add_argument(
+        "--prefix",
+        default=DEFAULT_PREFIX,
+        help=f"subject prefix of the operations{used} (default: %(default)s)",
+    )
+
+
+def _add_json_option(parser: argparse.ArgumentParser, output: str) -> None:
+    parser.add_argument("--json", action="store_true", help=f"print {output}")
+
+
+def _add_demo(commands: Subparsers) -> None:
     demo = commands.add_parser(
         "demo",
         help="run replicas of the example app and check they agree",
@@ -45,15 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--nats-url",
-        default=os.environ.get("REPLISTATE_NATS_URL"),
+        default=os.environ.get(NATS_URL_ENV),
         help="use this NATS server instead of a throwaway one "
-        "(default: $REPLISTATE_NATS_URL)",
+        f"(default: ${NATS_URL_ENV})",
     )
     demo.add_argument(
         "--postgres-url",
-        default=os.environ.get("REPLISTATE_POSTGRES_URL"),
+        default=os.environ.get(POSTGRES_URL_ENV),
         help="use this PostgreSQL instead of a throwaway one "
-        "(default: $REPLISTATE_POSTGRES_URL)",
+        f"(default: ${POSTGRES_URL_ENV})",
     )
     demo.add_argument(
         "--install-seconds",
@@ -63,34 +160,212 @@ def build_parser() -> argparse.ArgumentParser:
         f"{MIN_INSTALL_SECONDS:g} so a fourth replica can start during it "
         "(default: %(default)s)",
     )
-    demo.add_argument(
-        "--json",
-        action="store_true",
-        help="end the output with one line of JSON holding the results",
+    _add_json_option(demo, "one line of JSON holding the results at the end")
+    demo.set_defaults(dispatch=_dispatch_demo)
+
+
+def _add_ops(commands: Subparsers) -> None:
+    ops = commands.add_parser(
+        "ops",
+        help="list, show or cancel operations",
+        description="List, show or cancel the operations stored in PostgreSQL.",
     )
-    return parser
+    actions = ops.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    listing = actions.add_parser(
+        "list",
+        help="list the active operations",
+        description="List the operations that are not finished, as replicas "
+        "load them at start-up: updated within the window, or with an owner "
+        "still renewing its lease.",
+    )
+    _add_postgres_options(listing)
+    listing.add_argument(
+        "--all",
+        action="store_true",
+        help="list completed, failed and cancelled operations of the window too",
+    )
+    listing.add_argument(
+        "--window-seconds",
+        metavar="SECONDS",
+        type=positive_number,
+        default=ACTIVE_WINDOW.total_seconds(),
+        help="list only operations updated within this many seconds "
+        "(default: %(default)g)",
+    )
+    _add_json_option(listing, 'one line of JSON: {"table": ..., "operations": [...]}')
+    listing.set_defaults(dispatch=_dispatch_list)
+
+    show = actions.add_parser(
+        "show",
+        help="show one operation, or follow it until it ends",
+        description="Show every stored field of one operation and the status "
+        "replicas decode from it. With --follow, then print each change received "
+        "on the bus until the operation ends, and exit with a code telling how.",
+    )
+    show.add_argument("job_id", metavar="JOB", help="the job id")
+    _add_postgres_options(show)
+    show.add_argument(
+        "--follow",
+        action="store_true",
+        help="print each change until the operation completes (exit 0), fails "
+        f"(exit {ExitCode.FAILED:d}) or is cancelled (exit {ExitCode.CANCELLED:d})",
+    )
+    _add_nats_options(show, used=", used with --follow")
+    _add_json_option(show, "JSON, one object per line")
+    show.set_defaults(dispatch=_dispatch_show)
+
+    cancel = actions.add_parser(
+        "cancel",
+        help="cancel an operation, wherever it runs",
+        description="Store the cancel request in the operation's row and publish "
+        "it on the bus, as a replica does, so the replica running the operation "
+        "stops it. The exit code tells the outcome.",
+    )
+    cancel.add_argument("job_id", metavar="JOB", help="the job id")
+    _add_postgres_options(cancel)
+    _add_nats_options(cancel)
+    _add_json_option(
+        cancel, 'one line of JSON: {"job_id", "outcome", "state", "owner"}'
+    )
+    cancel.set_defaults(dispatch=_dispatch_cancel)
+
+
+def _add_watch(commands: Subparsers) -> None:
+    watcher = commands.add_parser(
+        "watch",
+        help="print the messages on the bus as they arrive",
+        description="Subscribe to the operation and invalidation subjects and print "
+        "each message, decoded, until Ctrl-C, SIGTERM or --count. Payloads that "
+        "replicas would reject are shown with the reason.",
+    )
+    _add_nats_options(watcher)
+    watcher.add_argument(
+        "--cache-prefix",
+        metavar="PREFIX",
+        default=DEFAULT_CACHE_PREFIX,
+        help="subject prefix of the invalidations (default: %(default)s)",
+    )
+    watcher.add_argument("--job", metavar="JOB", help="show only this job's messages")
+    watcher.add_argument(
+        "--subject",
+        metavar="PATTERN",
+        action="append",
+        default=[],
+        help="subscribe to this NATS subject pattern instead, where * matches one "
+        "token and a final > the rest; repeat for several",
+    )
+    watcher.add_argument(
+        "--count",
+        metavar="N",
+        type=positive_integer,
+        help="exit after printing N messages",
+    )
+    _add_json_option(watcher, "one JSON object per message and line")
+    watcher.set_defaults(dispatch=_dispatch_watch)
+
+
+def _add_schema(commands: Subparsers) -> None:
+    schema = commands.add_parser(
+        "schema",
+        help="print or apply the SQL of the operations table",
+        description="Print the SQL script that creates the operations table, as "
+        "replicas run it at start-up, or apply it with --apply. Applying it again "
+        "changes nothing.",
+    )
+    _add_postgres_options(schema, used=", used with --apply")
+    schema.add_argument(
+        "--apply",
+        action="store_true",
+        help="run the script on PostgreSQL instead of printing it",
+    )
+    schema.set_defaults(dispatch=_dispatch_schema)
+
+
+def _dispatch_demo(args: argparse.Namespace) -> int:
+    try:
+        from replistate.demo import run_demo
+    except ImportError as exc:
+        print(
+            f"the demo needs the 'demo' extra ({exc}): pip install -e '.[demo]'",
+            file=sys.stderr,
+        )
+        return 2
+    return run_demo(
+        nats_url=args.nats_url,
+        postgres_url=args.postgres_url,
+        install_seconds=args.install_seconds,
+        json_output=args.json,
+    )
+
+
+def _dispatch_list(args: argparse.Namespace) -> int:
+    return run(
+        list_operations(
+            postgres_url=args.postgres_url,
+            table=args.table,
+            window=timedelta(seconds=args.window_seconds),
+            include_ended=args.all,
+            json_output=args.json,
+        )
+    )
+
+
+def _dispatch_show(args: argparse.Namespace) -> int:
+    return run(
+        show_operation(
+            postgres_url=args.postgres_url,
+            table=args.table,
+            job_id=args.job_id,
+            json_output=args.json,
+            follow=args.follow,
+            nats_url=args.nats_url,
+            prefix=args.prefix,
+        )
+    )
+
+
+def _dispatch_cancel(args: argparse.Namespace) -> int:
+    return run(
+        cancel_operation(
+            postgres_url=args.postgres_url,
+            nats_url=args.nats_url,
+            table=args.table,
+            prefix=args.prefix,
+            job_id=args.job_id,
+            json_output=args.json,
+        )
+    )
+
+
+def _dispatch_watch(args: argparse.Namespace) -> int:
+    # Ctrl-C is how a watch normally ends, so it exits with 0.
+    return run(
+        watch(
+            nats_url=args.nats_url,
+            prefix=args.prefix,
+            cache_prefix=args.cache_prefix,
+            job_id=args.job,
+            patterns=args.subject,
+            count=args.count,
+            json_output=args.json,
+        ),
+        interrupted=ExitCode.OK,
+    )
+
+
+def _dispatch_schema(args: argparse.Namespace) -> int:
+    if args.apply:
+        return run(apply_schema(postgres_url=args.postgres_url, table=args.table))
+    return run(print_schema(table=args.table))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the `replistate` command; return its exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    if args.command == "demo":
-        try:
-            from replistate.demo import run_demo
-        except ImportError as exc:
-            print(
-                f"the demo needs the 'demo' extra ({exc}): pip install -e '.[demo]'",
-                file=sys.stderr,
-            )
-            return 2
-        return run_demo(
-            nats_url=args.nats_url,
-            postgres_url=args.postgres_url,
-            install_seconds=args.install_seconds,
-            json_output=args.json,
-        )
-    return 2
+    dispatch: Dispatch = args.dispatch
+    return dispatch(args)
 
 
 if __name__ == "__main__":

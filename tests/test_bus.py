@@ -474,6 +474,7 @@ async def test_without_echo_publisher_misses_own(
     await quiet.flush()
     await peer.flush()
     await wait_for_interest(quiet, peer, prefix)
+    await wait_for_interest(peer, quiet, prefix)
 
     await quiet.publish(f"{prefix}.topic", b"from quiet")
     await peer.publish(f"{prefix}.topic", b"from peer")
