@@ -15,7 +15,6 @@ from psycopg import sql
 
 from replistate.admin.command import ExitCode
 from replistate.admin.connections import make_store, open_store, redact_url
-from replistate.store.postgres import _CREATE
 
 __all__ = ["apply_schema", "print_schema", "schema_script"]
 
@@ -33,15 +32,8 @@ def schema_script(table: str) -> str:
         CommandError: the table name is invalid (`ExitCode.USAGE`).
     """
     store = make_store("", table)
-    # NOTE: the store composes its statement from private parts and offers no
-    # public way to render it. The same parts are used here, and a test checks
-    # that this script and ensure_schema build the same table.
-    create = sql.SQL(_CREATE).format(
-        table=store._table,
-        active_index=store._index,
-    )
     script = sql.SQL(_SCRIPT).format(
-        lock=sql.Literal(f"replistate schema {table}"), create=create
+        lock=sql.Literal(store.schema_lock_key()), create=store.schema_statement()
     )
     return script.as_string(None)
 

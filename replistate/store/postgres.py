@@ -275,13 +275,23 @@ class PostgresGalleryStore:
     async def close(self) -> None:
         await self._pool.close()
 
+    def schema_statement(self) -> sql.Composed:
+        """Return the statements that create the table and its index, each
+        ``IF NOT EXISTS``, as `ensure_schema` runs them."""
+        return sql.SQL(_CREATE).format(table=self._table, active_index=self._index)
+
+    def schema_lock_key(self) -> str:
+        """Return the text whose hash names the advisory lock `ensure_schema`
+        takes, so concurrent creators of the table wait for each other."""
+        return f"replistate schema {self.table}"
+
     async def ensure_schema(self) -> None:
-        statement = sql.SQL(_CREATE).format(table=self._table, active_index=self._index)
+        statement = self.schema_statement()
         async with self._pool.connection() as conn, conn.transaction():
             # Replicas starting together would race on CREATE TABLE otherwise.
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtext(%s))",
-                (f"replistate schema {self.table}",),
+                (self.schema_lock_key(),),
             )
             await conn.execute(statement)
 
