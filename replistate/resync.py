@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from replistate._background import BackgroundTask
 from replistate.codec import InvalidationMessage
@@ -173,7 +173,20 @@ class Resyncer:
                 continue
             if current is None or current.terminal:
                 continue
+            writer = self.operations.writer
+            if writer is not None and writer.is_pending(job_id):
+                # A change this replica made, which the store does not have yet.
+                continue
             stored = await self.store.get(job_id)
+            if (
+                stored is not None
+                and not stored.status.terminal
+                and self._recent(stored)
+            ):
+                # Written after the list was read, so still active.
+                if self.operations.restore(job_id, stored.to_status(), stored.version):
+                    changed += 1
+                continue
             if stored is None or not stored.status.terminal:
                 # Cleaned up, or not updated within the window: taken as gone.
                 self.operations.forget(job_id)
@@ -211,6 +224,13 @@ class Resyncer:
             (time.perf_counter() - began) * 1000,
         )
         return changed
+
+    def _recent(self, row: OperationRecord) -> bool:
+        """Return whether `row` counts as active by the rule of `list_active`."""
+        now = datetime.now(UTC)
+        if row.lease_expires_at is not None and row.lease_expires_at > now:
+            return True
+        return row.updated_at is not None and row.updated_at >= now - self.active_window
 
     async def _check_ended(
         self, held_before: dict[str, OpStatus], active: set[str]

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import attrs
 import pytest
 
 from replistate import (
+    InMemoryBroker,
     InMemoryBus,
+    InMemoryStore,
     NatsBus,
     OperationHandle,
+    OperationRecord,
     OpState,
     OpStatus,
     OpType,
@@ -290,3 +294,74 @@ async def test_reconnect_replays_lost_invalidation() -> None:
 
     assert reloads == ["model-a"]
     await cluster.stop()
+
+
+class LateRowStore(InMemoryStore):
+    """A store whose status writes wait until released, and whose `list_active`
+    can be made to run before a write that `get` then sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes_open = asyncio.Event()
+        self.writes_open.set()
+
+    async def save_status(self, *args: Any, **kwargs: Any) -> bool:
+        await self.writes_open.wait()
+        return await super().save_status(*args, **kwargs)
+
+
+async def test_resync_keeps_local_job_not_yet_stored() -> None:
+    broker, store = InMemoryBroker(), LateRowStore()
+    a = Replica(ReplicaConfig(replica_id="a"), bus=broker.connect(), store=store)
+    b = Replica(ReplicaConfig(replica_id="b"), bus=broker.connect(), store=store)
+    await a.start()
+    await b.start()
+    store.writes_open.clear()
+
+    await a.operations.update_status("job-1", OpStatus(progress=10))
+    await a.resync()
+    store.writes_open.set()
+    await a.operations.update_status("job-1", OpStatus(progress=20))
+    await broker_settled(b)
+
+    held_on_a = a.operations.get_status("job-1")
+    held_on_b = b.operations.get_status("job-1")
+    assert a.operations.version_of("job-1") == 2
+    assert held_on_a is not None
+    assert held_on_a.progress == 20
+    assert held_on_b is not None
+    assert held_on_b.progress == 20
+    await a.stop()
+    await b.stop()
+
+
+async def test_resync_keeps_job_stored_after_list() -> None:
+    broker, store = InMemoryBroker(), InMemoryStore()
+    a = Replica(ReplicaConfig(replica_id="a"), bus=broker.connect(), store=store)
+    await a.start()
+    await a.operations.update_status("job-1", OpStatus(progress=10))
+    assert a.operations.writer is not None
+    await a.operations.writer.flush()
+    listed = store.list_active
+
+    async def list_before_write(*args: Any, **kwargs: Any) -> list[OperationRecord]:
+        # The row of job-1 is written after the list was read, as when the
+        # writer's first write races the resync's query.
+        rows = await listed(*args, **kwargs)
+        return [row for row in rows if row.id != "job-1"]
+
+    store.list_active = list_before_write  # type: ignore[method-assign]
+
+    await a.resync()
+
+    assert a.operations.version_of("job-1") == 1
+    held = a.operations.get_status("job-1")
+    assert held is not None
+    assert held.progress == 10
+    await a.stop()
+
+
+async def broker_settled(replica: Replica) -> None:
+    assert isinstance(replica.bus, InMemoryBus)
+    await asyncio.sleep(0)
+    await replica.bus.drain()

@@ -81,6 +81,10 @@ class StoreWriter:
         """A copy of the writes not yet taken by the store, by job id."""
         return dict(self._pending)
 
+    def is_pending(self, job_id: str) -> bool:
+        """Return whether a status of `job_id` waits to be written."""
+        return job_id in self._pending
+
     def start(self) -> None:
         """Start the background task that writes."""
         self._loop.start()
