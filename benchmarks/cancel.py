@@ -15,7 +15,7 @@ import time
 import nats
 import nats.errors
 
-from benchmarks.common import Scope, Servers, peer, replicas
+from benchmarks.common import Scope, Servers, peer, replicas, table_dropped
 from replistate import CancelOutcome, OpStatus
 
 WARMUP = 10
@@ -26,6 +26,7 @@ async def replistate_round_trips(servers: Servers, samples: int) -> list[float]:
     """Time `samples` cancels from request on B to the cancelled status on B."""
     scope = Scope.new()
     async with (
+        table_dropped(servers, scope),
         replicas(servers, scope, "bench-b") as (b,),
         peer("own-replistate", servers, scope, replica_id="bench-a") as owner,
     ):

@@ -91,10 +91,23 @@ def make_replica(
 
 
 @contextlib.asynccontextmanager
+async def table_dropped(servers: Servers, scope: Scope) -> AsyncIterator[None]:
+    """Drop the scope's table when the block ends.
+
+    Enter it before the replicas and peers of the scope, so they have all
+    stopped, and no resync reads the table, when it goes.
+    """
+    try:
+        yield
+    finally:
+        await drop_table(servers.postgres_url, scope.table)
+
+
+@contextlib.asynccontextmanager
 async def replicas(
     servers: Servers, scope: Scope, *replica_ids: str, **config: Any
 ) -> AsyncIterator[list[Replica]]:
-    """Start replicas on one scope; stop them and drop the table afterwards."""
+    """Start replicas on one scope, and stop them when the block ends."""
     started: list[Replica] = []
     try:
         for replica_id in replica_ids:
@@ -105,7 +118,6 @@ async def replicas(
     finally:
         for replica in started:
             await replica.stop()
-        await drop_table(servers.postgres_url, scope.table)
 
 
 def percentile(samples: list[float], fraction: float) -> float:

@@ -11,7 +11,7 @@ updates prints nothing until the measuring process asks.
 
 Modes:
 - ``watch-replistate``: a replica that reports each reported status change, with
-  the number of changes it held so far;
+  the sum of the versions of every job it holds (see `version_sum`);
 - ``watch-nats``: a raw nats-py subscriber that reports each reported payload,
   with the number of messages received so far;
 - ``watch-broadcaster`` and ``watch-notify``: a broadcaster subscriber on its
@@ -38,7 +38,7 @@ from nats.aio.msg import Msg
 from psycopg import sql
 
 from benchmarks.common import Scope, Servers, make_replica
-from replistate import OperationHandle, OpStatus
+from replistate import OperationHandle, OpStatus, Replica
 
 REPORT = "report:"
 
@@ -51,18 +51,25 @@ def say(*fields: object) -> None:
 
 async def watch_replistate(servers: Servers, scope: Scope, replica_id: str) -> None:
     replica = make_replica(servers, scope, replica_id)
-    changes = 0
 
     def changed(job_id: str, status: OpStatus) -> None:
-        nonlocal changes
-        changes += 1
         if status.message.startswith(REPORT):
-            say(status.message, repr(time.perf_counter()), changes)
+            say(status.message, repr(time.perf_counter()), version_sum(replica))
 
     replica.operations.on_change(changed)
     async with replica:
         say("ready")
         await wait_for_stop()
+
+
+def version_sum(replica: Replica) -> int:
+    """Return the sum of the versions of every job the replica holds.
+
+    Two replicas that hold the same versions of the same jobs give the same sum,
+    so a peer that ended up behind or lost an update shows a different one.
+    """
+    operations = replica.operations
+    return sum(operations.version_of(job_id) or 0 for job_id in operations.statuses())
 
 
 async def watch_nats(servers: Servers, pattern: str) -> None:

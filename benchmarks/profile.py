@@ -18,7 +18,7 @@ import pstats
 import time
 from collections.abc import Awaitable, Callable
 
-from benchmarks.common import Scope, Servers, replicas, servers
+from benchmarks.common import Scope, Servers, replicas, servers, table_dropped
 from benchmarks.memory import sample_status
 from replistate import Replica, ReplicaConfig
 from replistate.bus.base import Channel
@@ -67,7 +67,11 @@ def progress_payloads(count: int) -> list[tuple[str, bytes]]:
 
 
 async def main(found: Servers) -> None:
-    async with replicas(found, Scope.new(), "profile-publisher") as (publisher,):
+    scope = Scope.new()
+    async with (
+        table_dropped(found, scope),
+        replicas(found, scope, "profile-publisher") as (publisher,),
+    ):
 
         async def publish(index: int) -> None:
             await publisher.operations.update_status(

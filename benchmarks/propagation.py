@@ -17,7 +17,7 @@ import nats
 import psycopg
 from broadcaster import Broadcast
 
-from benchmarks.common import Peer, Scope, Servers, peer, replicas
+from benchmarks.common import Peer, Scope, Servers, peer, replicas, table_dropped
 from replistate.codec import ProgressMessage, encode
 from replistate.models import OpStatus
 
@@ -83,6 +83,7 @@ async def replistate_latencies(servers: Servers, samples: int) -> list[float]:
     """Time status changes from replica A until replica B holds them."""
     scope = Scope.new()
     async with (
+        table_dropped(servers, scope),
         peer("watch-replistate", servers, scope, replica_id="bench-b") as receiver,
         replicas(servers, scope, "bench-a") as (a,),
     ):
