@@ -108,13 +108,14 @@ def one_run(found: Servers, sizes: Sizes, say: Callable[[str], None]) -> dict[st
     raw_rate = asyncio.run(throughput.nats_throughput(found, sizes.throughput_updates))
     figures["throughput_per_second_replistate"] = ours_rate.per_second
     figures["throughput_per_second_nats"] = raw_rate.per_second
-    figures["throughput_complete"] = ours_rate.complete and raw_rate.complete
+    figures["throughput_complete_replistate"] = ours_rate.complete
+    figures["throughput_complete_nats"] = raw_rate.complete
     figures["throughput_ratio"] = ours_rate.per_second / raw_rate.per_second
     say(
         f"throughput: {ours_rate.per_second:,.0f} updates/s to 2 peers "
         f"({figures['throughput_ratio']:.2f}x raw nats-py "
-        f"{raw_rate.per_second:,.0f}/s), every message held: "
-        f"{figures['throughput_complete']}"
+        f"{raw_rate.per_second:,.0f}/s); peers caught up: {ours_rate.complete}, "
+        f"raw subscribers got every message: {raw_rate.complete}"
     )
 
     ours_hydrate, raw_select = hydration.run(found, sizes.hydration_operations)

@@ -5,8 +5,9 @@ it can; two peers in their own processes hold every update. The time runs from
 the first send until both peers hold the last update, which each peer handles in
 order after all earlier ones; each peer then holds the same version of every job
 as the owner, or the run is reported incomplete. The baseline sends as many raw
-nats-py messages of the same size to two wildcard subscribers in peer processes, which count what
-they receive, so a subscriber that fell behind and lost messages shows.
+nats-py messages of the same size to two wildcard subscribers in peer processes,
+which count what they receive, so a subscriber that fell behind and lost messages
+shows.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ async def final_times(receivers: list[Peer], label: str) -> list[list[str]]:
 
 async def wait_for_routes(
     send: Callable[[str], Awaitable[None]], receivers: list[Peer]
-) -> None:
-    """Send labelled events until every receiver reports one.
+) -> list[list[str]]:
+    """Send labelled events until every receiver reports one; return the report
+    line of each receiver.
 
     A new subscription may miss messages for a moment, and a message missed by
     a peer would count against the run.
@@ -59,12 +61,14 @@ async def wait_for_routes(
         label = f"report:warm-{attempt}"
         await send(label)
         try:
+            lines = []
             for receiver in receivers:
-                while (await receiver.read(WARMUP_TIMEOUT))[0] != label:
+                while (fields := await receiver.read(WARMUP_TIMEOUT))[0] != label:
                     pass
+                lines.append(fields)
         except TimeoutError:
             continue
-        return
+        return lines
     raise RuntimeError(f"peers did not receive within {WARMUP_ATTEMPTS} attempts")
 
 
@@ -118,7 +122,7 @@ async def nats_throughput(servers: Servers, updates: int) -> Throughput:
                 f"{scope.prefix}.job-warm.progress", padded(label).encode()
             )
 
-        await wait_for_routes(warm, receivers)
+        warmed = await wait_for_routes(warm, receivers)
         subjects = [f"{scope.prefix}.job-{index}.progress" for index in range(JOBS)]
         began = time.perf_counter()
         for index, payload in enumerate(payloads):
@@ -128,5 +132,9 @@ async def nats_throughput(servers: Servers, updates: int) -> Throughput:
         )
         lines = await final_times(receivers, "report:end")
         elapsed = max(float(fields[1]) for fields in lines) - began
-        complete = all(int(fields[2]) == updates + 1 for fields in lines)
+        # Each subscriber counts every message, the warm-up ones included.
+        complete = all(
+            int(final[2]) - int(warm[2]) == updates + 1
+            for warm, final in zip(warmed, lines, strict=True)
+        )
         return Throughput(updates / elapsed, complete=complete)
