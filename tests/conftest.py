@@ -219,3 +219,36 @@ async def cluster() -> AsyncIterator[Cluster]:
     yield made
     for replica in made.replicas:
         await replica.stop()
+
+
+UnstartedReplicaFactory = Callable[..., Replica]
+"""Makes a replica on real servers: `make(replica_id, store_class=...)`."""
+
+
+@pytest.fixture
+async def unstarted_replica(
+    nats_url: str, postgres_url: str, prefix: str, table_name: str
+) -> AsyncIterator[UnstartedReplicaFactory]:
+    """Make unstarted replicas on this test's subject prefix and table.
+
+    Every replica made is stopped, and the table dropped, after the test.
+    """
+    replicas: list[Replica] = []
+
+    def make(replica_id: str, store_class: type = PostgresGalleryStore) -> Replica:
+        replica = Replica(
+            ReplicaConfig(
+                replica_id=replica_id,
+                subject_prefix=prefix,
+                cache_prefix=f"{prefix}.invalidate",
+            ),
+            bus=NatsBus(nats_url, name=replica_id),
+            store=store_class(postgres_url, table=table_name),
+        )
+        replicas.append(replica)
+        return replica
+
+    yield make
+    for replica in replicas:
+        await replica.stop()
+    await drop_table(postgres_url, table_name)

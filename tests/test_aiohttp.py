@@ -4,29 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from replistate import (
-    NatsBus,
     OperationHandle,
     OperationRecord,
     OpState,
     PostgresGalleryStore,
     Replica,
-    ReplicaConfig,
 )
 from replistate.integrations import aiohttp as replistate_aiohttp
 
-from .conftest import drop_table, eventually
+from .conftest import UnstartedReplicaFactory, eventually
 
 TIMEOUT = 20.0
-
-ReplicaFactory = Callable[..., Replica]
 
 
 class SlowPlaceholderStore(PostgresGalleryStore):
@@ -43,32 +37,6 @@ class SlowPlaceholderStore(PostgresGalleryStore):
         await super().upsert_placeholder(record)
 
 
-@pytest.fixture
-async def make_replica(
-    nats_url: str, postgres_url: str, prefix: str, table_name: str
-) -> AsyncIterator[ReplicaFactory]:
-    """Make unstarted replicas on this test's subject prefix and table."""
-    replicas: list[Replica] = []
-
-    def make(replica_id: str, store_class: type = PostgresGalleryStore) -> Replica:
-        replica = Replica(
-            ReplicaConfig(
-                replica_id=replica_id,
-                subject_prefix=prefix,
-                cache_prefix=f"{prefix}.invalidate",
-            ),
-            bus=NatsBus(nats_url, name=replica_id),
-            store=store_class(postgres_url, table=table_name),
-        )
-        replicas.append(replica)
-        return replica
-
-    yield make
-    for replica in replicas:
-        await replica.stop()
-    await drop_table(postgres_url, table_name)
-
-
 def operations_app(replica: Replica, prefix: str = "/ops") -> web.Application:
     app = web.Application()
     replistate_aiohttp.setup(app, lambda: replica)
@@ -81,9 +49,9 @@ async def block_until_cancelled(handle: OperationHandle) -> None:
 
 
 async def test_setup_starts_and_stops_replica(
-    make_replica: ReplicaFactory,
+    unstarted_replica: UnstartedReplicaFactory,
 ) -> None:
-    replica = make_replica("web-1")
+    replica = unstarted_replica("web-1")
     client = TestClient(TestServer(operations_app(replica)))
     await client.start_server()
     try:
@@ -100,9 +68,9 @@ async def test_setup_starts_and_stops_replica(
 
 
 async def test_routes_cancel_across_replicas(
-    make_replica: ReplicaFactory,
+    unstarted_replica: UnstartedReplicaFactory,
 ) -> None:
-    owner, peer = make_replica("web-1"), make_replica("web-2")
+    owner, peer = unstarted_replica("web-1"), unstarted_replica("web-2")
     owner_client = TestClient(TestServer(operations_app(owner)))
     peer_client = TestClient(TestServer(operations_app(peer)))
     await owner_client.start_server()
@@ -154,10 +122,10 @@ async def test_routes_cancel_across_replicas(
 
 
 async def test_install_survives_client_disconnect(
-    make_replica: ReplicaFactory, postgres_url: str, table_name: str
+    unstarted_replica: UnstartedReplicaFactory, postgres_url: str, table_name: str
 ) -> None:
-    owner = make_replica("web-1", SlowPlaceholderStore)
-    peer = make_replica("web-2")
+    owner = unstarted_replica("web-1", SlowPlaceholderStore)
+    peer = unstarted_replica("web-2")
     await peer.start()
     handler_cancelled = asyncio.Event()
 

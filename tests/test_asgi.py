@@ -39,13 +39,12 @@ from replistate import (
 )
 from replistate.integrations import asgi as replistate_asgi
 
-from .conftest import drop_table, eventually
+from .conftest import UnstartedReplicaFactory, drop_table, eventually
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TIMEOUT = 20.0
 FRAMEWORKS = ["fastapi", "starlette"]
 
-ReplicaFactory = Callable[..., Replica]
 Endpoint = Callable[[Request], Any]
 
 
@@ -62,32 +61,6 @@ class GatedStore(PostgresGalleryStore):
         self.admitting.set()
         await self.gate.wait()
         await super().upsert_placeholder(record)
-
-
-@pytest.fixture
-async def make_replica(
-    nats_url: str, postgres_url: str, prefix: str, table_name: str
-) -> AsyncIterator[ReplicaFactory]:
-    """Make unstarted replicas on this test's subject prefix and table."""
-    replicas: list[Replica] = []
-
-    def make(replica_id: str, store_class: type = PostgresGalleryStore) -> Replica:
-        replica = Replica(
-            ReplicaConfig(
-                replica_id=replica_id,
-                subject_prefix=prefix,
-                cache_prefix=f"{prefix}.invalidate",
-            ),
-            bus=NatsBus(nats_url, name=replica_id),
-            store=store_class(postgres_url, table=table_name),
-        )
-        replicas.append(replica)
-        return replica
-
-    yield make
-    for replica in replicas:
-        await replica.stop()
-    await drop_table(postgres_url, table_name)
 
 
 @attrs.define
@@ -192,9 +165,9 @@ async def wait_for_row(
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 async def test_lifespan_starts_and_stops_replica(
-    make_replica: ReplicaFactory, framework: str
+    unstarted_replica: UnstartedReplicaFactory, framework: str
 ) -> None:
-    replica = make_replica("web-1")
+    replica = unstarted_replica("web-1")
 
     async def replica_id(request: Request) -> JSONResponse:
         return JSONResponse(replistate_asgi.get_replica(request).replica_id)
@@ -216,9 +189,9 @@ async def test_lifespan_starts_and_stops_replica(
 
 
 async def test_fastapi_dependency_returns_replica(
-    make_replica: ReplicaFactory,
+    unstarted_replica: UnstartedReplicaFactory,
 ) -> None:
-    replica = make_replica("web-1")
+    replica = unstarted_replica("web-1")
     app = FastAPI(lifespan=replistate_asgi.lifespan(replica))
 
     @app.get("/replica")
@@ -386,10 +359,12 @@ async def test_routes_work_added_or_mounted(
     assert wrong_method.status_code == 405
 
 
-async def test_routes_cancel_across_apps(make_replica: ReplicaFactory) -> None:
+async def test_routes_cancel_across_apps(
+    unstarted_replica: UnstartedReplicaFactory,
+) -> None:
     """An install started through a FastAPI app is listed, read and cancelled
     through a Starlette app of another replica."""
-    owner, peer = make_replica("web-1"), make_replica("web-2")
+    owner, peer = unstarted_replica("web-1"), unstarted_replica("web-2")
     owner_app = build_app(
         "fastapi",
         owner,
@@ -442,11 +417,11 @@ async def test_routes_cancel_across_apps(make_replica: ReplicaFactory) -> None:
 
 
 async def test_install_survives_client_disconnect(
-    make_replica: ReplicaFactory,
+    unstarted_replica: UnstartedReplicaFactory,
 ) -> None:
     """A client that goes away while the install handler runs leaves the install
     running on the server's replica until it completes."""
-    owner, peer = make_replica("web-1"), make_replica("web-2")
+    owner, peer = unstarted_replica("web-1"), unstarted_replica("web-2")
     await peer.start()
     job_ids: list[str] = []
     handler_started = asyncio.Event()
@@ -545,12 +520,12 @@ class CancelOnDisconnect:
 
 
 async def test_admission_survives_handler_cancel(
-    make_replica: ReplicaFactory,
+    unstarted_replica: UnstartedReplicaFactory,
 ) -> None:
     """A handler cancelled while its operation is being admitted, because the
     client went away, stops neither the admission nor the work."""
-    owner = make_replica("web-1", GatedStore)
-    peer = make_replica("web-2")
+    owner = unstarted_replica("web-1", GatedStore)
+    peer = unstarted_replica("web-2")
     await peer.start()
     handler_outcome: list[str] = []
 
@@ -604,10 +579,12 @@ async def test_admission_survives_handler_cancel(
     assert row.status is OpState.COMPLETED
 
 
-async def test_shutdown_fails_owned_operations(make_replica: ReplicaFactory) -> None:
+async def test_shutdown_fails_owned_operations(
+    unstarted_replica: UnstartedReplicaFactory,
+) -> None:
     """Stopping the server of the owner marks its running operation failed, and
     the peer lists it with the reason."""
-    owner, peer = make_replica("web-1"), make_replica("web-2")
+    owner, peer = unstarted_replica("web-1"), unstarted_replica("web-2")
     owner_app = build_app(
         "fastapi",
         owner,
