@@ -301,11 +301,13 @@ class OperationRunner:
             await service.update_status(job_id, final)
             logger.warning("job %r failed: %s", job_id, final.error)
         else:
+            # An error reported on the way was recoverable: the work succeeded.
             final = attrs.evolve(
                 base,
                 processed=True,
                 progress=100.0,
                 message="completed",
+                error=None,
                 cancellable=False,
             )
             await service.update_status(job_id, final)

@@ -42,7 +42,7 @@ from replistate.integrations.api import (
 from replistate.models import MAX_TEXT_LENGTH
 from replistate.subjects import validate_token
 
-from .conftest import BusFactory, Cluster, drop_table
+from .conftest import BusFactory, Cluster, drop_table, eventually
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "aiohttp_app.py"
 
@@ -493,3 +493,23 @@ async def test_empty_cache_key_rejected(cluster: Cluster) -> None:
 
     assert a.operations.owned_jobs == []
     assert len(a.opcache) == 0
+
+
+async def test_success_clears_recoverable_error(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+
+    async def work(handle: OperationHandle) -> None:
+        await handle.update(progress=10.0, error="mirror 1 timed out, retrying")
+        await handle.update(progress=60.0, message="downloading from mirror 2")
+
+    job_id = await a.operations.start_operation("gallery@m", work)
+
+    def ended() -> bool:
+        status = a.operations.get_status(job_id)
+        return status is not None and status.terminal
+
+    await eventually(ended)
+    status = a.operations.get_status(job_id)
+    assert status is not None
+    assert status.state is OpState.COMPLETED
+    assert status.error is None
