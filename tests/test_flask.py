@@ -35,11 +35,13 @@ from replistate import (
     NodeState,
     OperationHandle,
     OpState,
+    OpStatus,
     PostgresGalleryStore,
     Replica,
     ReplicaConfig,
     ReplistateError,
 )
+from replistate.integrations._thread_work import in_thread
 from replistate.integrations.flask import (
     BlockingOperationHandle,
     Replistate,
@@ -801,3 +803,30 @@ def test_gunicorn_preload_workers(
     assert "Traceback" not in text
     for replica_id in ready | {master}:
         assert f"replica {replica_id!r} stopped" in text
+
+
+async def test_thread_work_outlives_second_cancel() -> None:
+    finished = threading.Event()
+
+    def work(handle: BlockingOperationHandle) -> None:
+        handle.wait_for_cancel(30)
+        # Clean-up after the cancel, such as removing a partial download.
+        time.sleep(0.5)
+        finished.set()
+
+    async with Replica() as replica:
+        job_id = await replica.operations.start_operation(
+            "gallery@m", in_thread(work, 10.0)
+        )
+        await asyncio.sleep(0.1)
+        await replica.operations.cancel(job_id)
+        await asyncio.sleep(0.05)
+        await replica.operations.cancel(job_id)
+
+        async with asyncio.timeout(10):
+            while not (replica.operations.get_status(job_id) or OpStatus()).terminal:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert finished.is_set() is True
+        status = replica.operations.get_status(job_id)
+        assert status is not None
+        assert status.cancelled is True

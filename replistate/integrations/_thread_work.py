@@ -153,7 +153,11 @@ def in_thread(work: ThreadWork, timeout: float) -> Work:
             # The thread cannot be interrupted, so the work learns of the request
             # through the handle and returns.
             blocking._cancel_event.set()
-            await ended
+            while not ended.done():
+                # A later cancel, such as a second click or a stored intent
+                # checked again, must not end the operation before its thread.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(ended)
             raise
         if error is not None:
             raise error
