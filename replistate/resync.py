@@ -39,6 +39,12 @@ __all__ = ["Resyncer"]
 logger = logging.getLogger(__name__)
 
 
+FORGET_GRACE = 10.0
+"""Seconds a job must have been unchanged before a resync forgets it for missing
+from the store; its owner writes its first row a store round trip after
+announcing it, later when the store is slow."""
+
+
 class Resyncer:
     """Reconciles one replica's mirror with the store, on request and on a period.
 
@@ -64,6 +70,8 @@ class Resyncer:
         self.opcache = opcache
         self.active_window = active_window
         self.interval = interval
+        self.forget_grace = FORGET_GRACE
+        """Seconds a job must have been unchanged before it may be forgotten."""
         self.runs = 0
         self.failures = 0
         self._requested = asyncio.Event()
@@ -188,6 +196,13 @@ class Resyncer:
                     changed += 1
                 continue
             if stored is None or not stored.status.terminal:
+                changed_at = self.operations.changed_at(job_id)
+                if (
+                    changed_at is not None
+                    and time.monotonic() - changed_at < self.forget_grace
+                ):
+                    # A peer's job that changed moments ago may not be stored yet.
+                    continue
                 # Cleaned up, or not updated within the window: taken as gone.
                 self.operations.forget(job_id)
                 self.opcache.discard(job_id)

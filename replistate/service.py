@@ -130,6 +130,7 @@ class OperationsService:
         self.on_gap: Callable[[str], None] | None = None
         self._change_listeners: list[ChangeListener] = []
         self.revision = 0
+        self._changed_at: dict[str, float] = {}
         """Grows with every change of the held statuses, so readers can cache."""
         """Called with the job id when a received version skips one or more."""
         self.runner = OperationRunner(self)
@@ -142,6 +143,10 @@ class OperationsService:
         """Return the status of `job_id` held in memory, or None."""
         held = self._held.get(job_id)
         return held.status if held else None
+
+    def changed_at(self, job_id: str) -> float | None:
+        """Return the `time.monotonic()` of the last change of `job_id` held here."""
+        return self._changed_at.get(job_id)
 
     def version_of(self, job_id: str) -> int | None:
         """Return the version of the status held for `job_id`, or None."""
@@ -180,6 +185,7 @@ class OperationsService:
 
     def _changed(self, job_id: str, status: OpStatus) -> None:
         self.revision += 1
+        self._changed_at[job_id] = time.monotonic()
         for listener in list(self._change_listeners):
             try:
                 listener(job_id, status)
@@ -391,6 +397,7 @@ class OperationsService:
         """Drop the status of `job_id` from memory."""
         self.revision += 1
         self._held.pop(job_id, None)
+        self._changed_at.pop(job_id, None)
         self._terminal_since.pop(job_id, None)
 
     def _apply(self, job_id: str, status: OpStatus, version: int | None) -> bool:
@@ -455,6 +462,7 @@ class OperationsService:
         for job_id in expired:
             del self._terminal_since[job_id]
             self._held.pop(job_id, None)
+            self._changed_at.pop(job_id, None)
             self.op_types.pop(job_id, None)
             self.opcache.discard(job_id)
             self._pruned[job_id] = None

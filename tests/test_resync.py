@@ -104,6 +104,8 @@ async def test_version_gap_triggers_resync(cluster: Cluster) -> None:
 
 async def test_resync_drops_jobs_gone_from_store(cluster: Cluster) -> None:
     a = await cluster.add("a")
+    assert a.resyncer is not None
+    a.resyncer.forget_grace = 0.0
     await a.opcache.set("gallery@model-a", "job-1")
     await a.operations.update_status("job-1", OpStatus(progress=10))
     await cluster.settle()
@@ -365,3 +367,61 @@ async def broker_settled(replica: Replica) -> None:
     assert isinstance(replica.bus, InMemoryBus)
     await asyncio.sleep(0)
     await replica.bus.drain()
+
+
+class SlowOwnerStore:
+    """The shared store as an owner sees it through writes that take a while."""
+
+    def __init__(self, store: InMemoryStore) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def upsert_placeholder(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return await self._store.upsert_placeholder(*args, **kwargs)
+
+    async def save_status(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return await self._store.save_status(*args, **kwargs)
+
+
+async def test_resync_before_first_row_keeps_peer_job() -> None:
+    broker, store = InMemoryBroker(), InMemoryStore()
+    owner = Replica(
+        ReplicaConfig(replica_id="owner", start_resync_delay=None),
+        bus=broker.connect(),
+        store=SlowOwnerStore(store),  # type: ignore[arg-type]
+    )
+    peer = Replica(
+        ReplicaConfig(replica_id="peer", start_resync_delay=None),
+        bus=broker.connect(),
+        store=store,
+    )
+    await owner.start()
+    await peer.start()
+    step = asyncio.Event()
+
+    async def work(handle: OperationHandle) -> None:
+        await handle.update(progress=20.0)
+        await step.wait()
+
+    admission = asyncio.create_task(
+        owner.operations.start_operation("gallery@m", work, job_id="job-1")
+    )
+    await eventually(lambda: peer.operations.get_status("job-1") is not None)
+
+    await peer.resync()
+    await admission
+
+    # The owner's rows land later; the peer must go on listing the running job.
+    await eventually(lambda: peer.opcache.get("gallery@m") == "job-1")
+    await peer.resync()
+    assert peer.opcache.get("gallery@m") == "job-1"
+    held = peer.operations.get_status("job-1")
+    assert held is not None
+    assert held.progress == 20
+    step.set()
+    await owner.stop()
+    await peer.stop()
