@@ -176,6 +176,11 @@ class NatsBus(StateNotifier):
 
     async def close(self) -> None:
         if not self._connected_once:
+            # A connect cancelled midway may have opened a socket and started
+            # tasks, which must end here. nats-py asserts on closing a client
+            # whose connect never completed.
+            with contextlib.suppress(AssertionError, nats.errors.Error):
+                await self._client.close()
             self._set_state(BusState.CLOSED)
             return
         if self._client.is_closed:
