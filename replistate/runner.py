@@ -107,8 +107,9 @@ class OperationRunner:
         )
         handle._task = task
         self._tasks[job_id] = (task, handle)
-        if cancellable:
-            service.register_cancel(job_id, handle._request_cancel)
+        # Registered whatever `cancellable` says: the work may change its mind,
+        # and every cancel checks the status it holds then.
+        service.register_cancel(job_id, handle._request_cancel)
         admission = asyncio.create_task(
             self._admit_or_cancel(handle, queued, is_backend),
             name=f"admission of {job_id}",

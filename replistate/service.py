@@ -503,11 +503,11 @@ class OperationsService:
             return CancelOutcome.UNKNOWN
         if status is not None and status.terminal:
             return CancelOutcome.TOO_LATE
+        if status is not None and not status.cancellable:
+            return CancelOutcome.NOT_CANCELLABLE
         if local:
             await self._run_cancel(job_id)
             return CancelOutcome.ACCEPTED
-        if status is not None and not status.cancellable:
-            return CancelOutcome.NOT_CANCELLABLE
         if self.channel is None:
             return CancelOutcome.UNKNOWN
         # The intent is stored while the message goes out, so the store's round
@@ -564,6 +564,11 @@ class OperationsService:
     async def _run_cancel(self, job_id: str) -> None:
         cancel = self._cancel_functions.get(job_id)
         if cancel is None:
+            return
+        status = self.get_status(job_id)
+        if status is not None and not status.cancellable:
+            # The work decides when it may be stopped, through its status.
+            logger.info("cancel of job %r ignored: it is not cancellable now", job_id)
             return
         try:
             result = cancel()

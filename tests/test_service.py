@@ -613,3 +613,39 @@ async def test_progress_reaches_peer_with_prefix_id(cluster: Cluster) -> None:
     assert from_ab.progress == 30
     assert from_a is not None
     assert from_a.progress == 60
+
+
+async def test_owner_honours_current_cancellable(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    locked, unlocked = asyncio.Event(), asyncio.Event()
+
+    async def locks_itself(handle: OperationHandle) -> None:
+        await handle.update(progress=50.0, cancellable=False)
+        locked.set()
+        await asyncio.Event().wait()
+
+    async def unlocks_itself(handle: OperationHandle) -> None:
+        await handle.update(progress=10.0, cancellable=True)
+        unlocked.set()
+        await asyncio.Event().wait()
+
+    first = await a.operations.start_operation("gallery@m", locks_itself)
+    second = await a.operations.start_operation(
+        "gallery@n", unlocks_itself, cancellable=False
+    )
+    await locked.wait()
+    await unlocked.wait()
+    await cluster.settle()
+
+    assert await a.operations.cancel(first) is CancelOutcome.NOT_CANCELLABLE
+    assert await b.operations.cancel(first) is CancelOutcome.NOT_CANCELLABLE
+    assert await b.operations.cancel(second) is CancelOutcome.ACCEPTED
+    await cluster.settle()
+
+    locked_status = a.operations.get_status(first)
+    unlocked_status = a.operations.get_status(second)
+    assert locked_status is not None
+    assert locked_status.cancelled is False
+    assert unlocked_status is not None
+    assert unlocked_status.cancelled is True
