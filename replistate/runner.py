@@ -76,13 +76,31 @@ class OperationRunner:
                 f"replica {service.replica_id!r} is not running: start it before "
                 "starting operations"
             )
+        chosen = job_id is not None
         job_id = validate_job_id(job_id or str(uuid.uuid4()))
         if not cache_key:
             raise ValueError(f"missing cache key for job {job_id!r}")
+        if "\x00" in cache_key:
+            # PostgreSQL text cannot hold NUL, so no write of the job would
+            # ever be stored.
+            raise ValueError(f"invalid cache key {cache_key!r}: it contains NUL")
         if job_id in self._tasks or service.get_status(job_id) is not None:
             raise OperationConflictError(
                 f"job id {job_id!r} is already in use", cache_key, job_id
             )
+        if chosen and service.store is not None:
+            # A job that ended and left the mirror is still in the store, whose
+            # terminal row would win over every write of a new run.
+            if await service.store.get(job_id) is not None:
+                raise OperationConflictError(
+                    f"job id {job_id!r} is already in use in the store",
+                    cache_key,
+                    job_id,
+                )
+            if job_id in self._tasks or service.get_status(job_id) is not None:
+                raise OperationConflictError(
+                    f"job id {job_id!r} is already in use", cache_key, job_id
+                )
         running = service.opcache.get(cache_key)
         if exclusive and running is not None and service.is_active(running):
             raise OperationConflictError(
@@ -90,8 +108,8 @@ class OperationRunner:
                 cache_key,
                 running,
             )
-        # Claim the key before the first await, so a second request on this
-        # replica finds it taken.
+        # Claim the key with no await since it was checked, so a second request
+        # on this replica finds it taken.
         service.opcache.restore(OpCacheEntry(cache_key, job_id, is_backend))
         service.op_types[job_id] = op_type
 

@@ -659,9 +659,12 @@ class OperationsService:
 
         Raises:
             NotStartedError: the replica is not running.
-            OperationConflictError: the job id is in use, or, with `exclusive`,
-                another job runs on the cache key; the error names that job.
+            OperationConflictError: the job id is in use, in the mirror or, for a
+                job id passed in, in the store; or, with `exclusive`, another job
+                runs on the cache key. The error names that job.
             InvalidIdError: the job id cannot be used in a subject.
+            ValueError: the cache key is empty or contains NUL.
+            StoreError: a job id was passed in and the store could not be read.
         """
         return await self.runner.start(
             cache_key,

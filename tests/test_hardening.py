@@ -513,3 +513,30 @@ async def test_success_clears_recoverable_error(cluster: Cluster) -> None:
     assert status is not None
     assert status.state is OpState.COMPLETED
     assert status.error is None
+
+
+async def test_start_rejects_job_id_in_store(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+
+    async def done(handle: OperationHandle) -> None:
+        return None
+
+    await a.operations.start_operation("gallery@m", done, job_id="job-1")
+    await eventually(lambda: (a.operations.get_status("job-1") or OpStatus()).terminal)
+    assert a.operations.writer is not None
+    await a.operations.writer.flush()
+    a.operations.forget("job-1")
+
+    with pytest.raises(OperationConflictError, match="'job-1' is already in use"):
+        await a.operations.start_operation("gallery@n", done, job_id="job-1")
+
+
+async def test_start_rejects_nul_cache_key(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+
+    async def done(handle: OperationHandle) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="contains NUL"):
+        await a.operations.start_operation("gallery@m\x00", done)
+    assert a.opcache.entries() == []
