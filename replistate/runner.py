@@ -91,7 +91,13 @@ class OperationRunner:
         if chosen and service.store is not None:
             # A job that ended and left the mirror is still in the store, whose
             # terminal row would win over every write of a new run.
-            if await service.store.get(job_id) is not None:
+            try:
+                stored = await service.store.get(job_id)
+            except StoreError as exc:
+                # Work goes on while the store is down, unchecked.
+                logger.warning("job id %r not checked in the store: %s", job_id, exc)
+                stored = None
+            if stored is not None:
                 raise OperationConflictError(
                     f"job id {job_id!r} is already in use in the store",
                     cache_key,

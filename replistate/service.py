@@ -664,7 +664,6 @@ class OperationsService:
                 runs on the cache key. The error names that job.
             InvalidIdError: the job id cannot be used in a subject.
             ValueError: the cache key is empty or contains NUL.
-            StoreError: a job id was passed in and the store could not be read.
         """
         return await self.runner.start(
             cache_key,
