@@ -527,3 +527,22 @@ async def test_nats_connect_error_names_reason() -> None:
     assert "()" not in str(caught.value)
     assert "within 1 s (" in str(caught.value)
     await bus.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+        ("nats://user:secret@127.0.0.1:4222", "nats://user:***@127.0.0.1:4222"),
+        ("nats://secret@127.0.0.1:4222", "nats://***@127.0.0.1:4222"),
+        ("nats://user:se@cret@127.0.0.1:4222", "nats://user:***@127.0.0.1:4222"),
+        (
+            "nats://a:secret@127.0.0.1:1, nats://secret@127.0.0.1:2",
+            "nats://a:***@127.0.0.1:1,nats://***@127.0.0.1:2",
+        ),
+    ],
+)
+def test_safe_url_hides_credentials(url: str, shown: str) -> None:
+    from replistate.bus.nats import safe_url
+
+    assert safe_url(url) == shown

@@ -41,6 +41,7 @@ from replistate import (
     ReplicaConfig,
     ReplistateError,
 )
+from replistate._servers import find_free_port
 from replistate.integrations._thread_work import in_thread
 from replistate.integrations.flask import (
     BlockingOperationHandle,
@@ -830,3 +831,30 @@ async def test_thread_work_outlives_second_cancel() -> None:
         status = replica.operations.get_status(job_id)
         assert status is not None
         assert status.cancelled is True
+
+
+def test_error_bodies_hide_nats_password() -> None:
+    secret = "hunter2"
+    closed_port = find_free_port()
+    app = Flask("password")
+    extension = Replistate(
+        app,
+        lambda: Replica(
+            bus=NatsBus(
+                f"nats://admin:{secret}@127.0.0.1:{closed_port}", connect_timeout=1
+            )
+        ),
+        start_timeout=5,
+    )
+    app.register_blueprint(operations_blueprint(prefix="/api"))
+    client = app.test_client()
+    try:
+        for path in ("/api/ready", "/api/operations"):
+            response = client.get(path)
+            body = response.get_data(as_text=True)
+            assert response.status_code == 503
+            assert secret not in body
+            assert f"nats://admin:***@127.0.0.1:{closed_port}" in body
+    finally:
+        with app.app_context():
+            extension.stop()

@@ -27,9 +27,29 @@ from replistate.bus.base import (
 )
 from replistate.errors import BusError, PayloadTooLargeError
 
-__all__ = ["NatsBus"]
+__all__ = ["NatsBus", "safe_url"]
 
 logger = logging.getLogger(__name__)
+
+
+def safe_url(url: str) -> str:
+    """Return the NATS server list `url` with every password or token hidden.
+
+    ``nats://user:secret@host:4222`` becomes ``nats://user:***@host:4222`` and
+    ``nats://token@host:4222`` becomes ``nats://***@host:4222``.
+    """
+    servers = []
+    for server in url.split(","):
+        scheme, separator, rest = server.strip().partition("://")
+        if not separator:
+            scheme, rest = "", scheme
+        # The authority ends at the first "/" after the last "@".
+        credentials, at, host = rest.rpartition("@")
+        if at:
+            user, colon, _ = credentials.partition(":")
+            rest = f"{user}:***@{host}" if colon else f"***@{host}"
+        servers.append(f"{scheme}{separator}{rest}")
+    return ",".join(servers)
 
 
 class _Subscription:
@@ -79,6 +99,8 @@ class NatsBus(StateNotifier):
         echo: bool = False,
     ) -> None:
         self.url = url
+        self.safe_url = safe_url(url)
+        """`url` without passwords or tokens, for messages and logs."""
         self.echo = echo
         self.name = name
         self.connect_timeout = connect_timeout
@@ -126,12 +148,12 @@ class NatsBus(StateNotifier):
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             await self._client.close()
             raise BusError(
-                f"cannot connect to NATS at {self.url} within "
+                f"cannot connect to NATS at {self.safe_url} within "
                 f"{self.connect_timeout:g} s ({str(exc) or type(exc).__name__}); check "
                 "that nats-server runs there"
             ) from None
         self._connected_once = True
-        logger.info("connected to NATS at %s", self.url)
+        logger.info("connected to NATS at %s", self.safe_url)
         self._set_state(BusState.CONNECTED)
 
     async def publish(self, subject: str, data: bytes) -> None:
@@ -202,11 +224,11 @@ class NatsBus(StateNotifier):
             # The client reports a disconnect on every close, too.
             return
         if self._state is BusState.CONNECTED:
-            logger.warning("disconnected from NATS at %s, reconnecting", self.url)
+            logger.warning("disconnected from NATS at %s, reconnecting", self.safe_url)
         self._set_state(BusState.DISCONNECTED)
 
     async def _on_reconnected(self) -> None:
-        logger.info("reconnected to NATS at %s", self.url)
+        logger.info("reconnected to NATS at %s", self.safe_url)
         self._set_state(BusState.CONNECTED)
 
     async def _on_closed(self) -> None:
