@@ -158,16 +158,16 @@ class OperationsService:
 
         A row read from the store is put into memory under the usual rules, so a
         poll that reaches this replica before the start event still finds the job.
+
+        Raises:
+            StoreError: the job is not held here and the store cannot be read, so
+                whether it exists is unknown.
         """
         validate_job_id(job_id)
         held = self._held.get(job_id)
         if held is not None or self.store is None:
             return held.status if held else None
-        try:
-            record = await self.store.get(job_id)
-        except StoreError as exc:
-            logger.warning("read of job %r from the store failed: %s", job_id, exc)
-            return None
+        record = await self.store.get(job_id)
         if record is None:
             return None
         self._apply(job_id, record.to_status(), record.version)
@@ -495,6 +495,7 @@ class OperationsService:
         Raises:
             InvalidIdError: `job_id` cannot name a job.
             BusError: the request had to be sent and the bus is not connected.
+            StoreError: the job is not held here and the store cannot be read.
         """
         validate_job_id(job_id)
         status = await self.fetch_status(job_id)

@@ -11,6 +11,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from replistate import (
+    InMemoryBroker,
+    InMemoryStore,
     NodeProgress,
     NodeState,
     OperationHandle,
@@ -18,9 +20,16 @@ from replistate import (
     OpState,
     OpStatus,
     Replica,
+    ReplicaConfig,
+    StoreError,
 )
 from replistate.integrations import aiohttp as replistate_aiohttp
-from replistate.integrations.api import operation_entry, operations_body
+from replistate.integrations.api import (
+    cancel_response,
+    job_response,
+    operation_entry,
+    operations_body,
+)
 
 from .conftest import Cluster
 
@@ -214,3 +223,26 @@ async def test_change_listener_sees_adopted_end(cluster: Cluster) -> None:
 
     assert seen == [("job-1", False), ("job-1", True)]
     assert a.operations.revision == revision + 1
+
+
+class UnreadableStore(InMemoryStore):
+    """A store whose reads of single jobs fail, as during an outage."""
+
+    async def get(self, job_id: str) -> OperationRecord | None:
+        raise StoreError(f"get for job {job_id!r} failed: connection refused")
+
+
+async def test_store_outage_answers_503() -> None:
+    replica = Replica(
+        ReplicaConfig(replica_id="a"),
+        bus=InMemoryBroker().connect(),
+        store=UnreadableStore(),
+    )
+    async with replica:
+        status, body = await job_response(replica, "job-1")
+        cancel_status, cancel_body = await cancel_response(replica, "job-1")
+
+    assert status == 503
+    assert "connection refused" in body["error"]
+    assert cancel_status == 503
+    assert "connection refused" in cancel_body["error"]

@@ -6,13 +6,14 @@ The shapes are those the LocalAI web UI polls: `GET /api/operations` returns
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Any
 
 import orjson
 
 from replistate.codec import converter
-from replistate.errors import BusError, InvalidIdError
+from replistate.errors import BusError, InvalidIdError, StoreError
 from replistate.models import OpState, OpStatus
 from replistate.replica import Replica
 from replistate.service import CancelOutcome
@@ -25,6 +26,8 @@ __all__ = [
     "operations_body",
     "operations_response",
 ]
+
+logger = logging.getLogger(__name__)
 
 _CANCEL_STATUS = {
     CancelOutcome.ACCEPTED: 202,
@@ -112,6 +115,9 @@ async def job_response(replica: Replica, job_id: str) -> tuple[int, dict[str, An
         status = await replica.operations.fetch_status(job_id)
     except InvalidIdError as exc:
         return 400, {"error": str(exc)}
+    except StoreError as exc:
+        logger.warning("status of job %r not read: %s", job_id, exc)
+        return 503, {"jobID": job_id, "error": str(exc)}
     if status is None:
         return 404, {"error": f"job {job_id!r} not found"}
     body: dict[str, Any] = converter.unstructure(status)
@@ -132,7 +138,8 @@ async def cancel_response(replica: Replica, job_id: str) -> tuple[int, dict[str,
         outcome = await replica.operations.cancel(job_id)
     except InvalidIdError as exc:
         return 400, {"error": str(exc)}
-    except BusError as exc:
+    except (BusError, StoreError) as exc:
+        logger.warning("cancel of job %r not requested: %s", job_id, exc)
         return 503, {"jobID": job_id, "error": str(exc)}
     return _CANCEL_STATUS[outcome], {"jobID": job_id, "outcome": outcome.value}
 
