@@ -34,7 +34,9 @@ async def replistate_round_trips(servers: Servers, samples: int) -> list[float]:
         seen: dict[str, asyncio.Future[None]] = {}
         cancelled: dict[str, asyncio.Future[float]] = {}
 
-        def changed(job_id: str, status: OpStatus) -> None:
+        def changed(job_id: str, status: OpStatus | None) -> None:
+            if status is None:
+                return
             if job_id in seen and not seen[job_id].done():
                 seen[job_id].set_result(None)
             if status.cancelled and job_id in cancelled:

@@ -52,8 +52,8 @@ def say(*fields: object) -> None:
 async def watch_replistate(servers: Servers, scope: Scope, replica_id: str) -> None:
     replica = make_replica(servers, scope, replica_id)
 
-    def changed(job_id: str, status: OpStatus) -> None:
-        if status.message.startswith(REPORT):
+    def changed(job_id: str, status: OpStatus | None) -> None:
+        if status is not None and status.message.startswith(REPORT):
             say(status.message, repr(time.perf_counter()), version_sum(replica))
 
     replica.operations.on_change(changed)

@@ -66,8 +66,9 @@ class _MirroredStatus:
     version: int | None
 
 
-ChangeListener = Callable[[str, OpStatus], None]
-"""Called with the job id and the new status after a held status changes."""
+ChangeListener = Callable[[str, OpStatus | None], None]
+"""Called with the job id and the new status after a held status changes, or
+with None after the job left the mirror."""
 
 
 class OperationsService:
@@ -174,18 +175,23 @@ class OperationsService:
         return self.get_status(job_id)
 
     def on_change(self, listener: ChangeListener) -> Callable[[], None]:
-        """Call `listener(job_id, status)` after each change of a held status.
+        """Call `listener(job_id, status)` after each change of a held status,
+        and `listener(job_id, None)` after a job leaves the mirror.
 
         Changes from this replica, from peers, from the store and from resyncs
-        all count. The listener runs inside the bus callback, so it must not
-        block; an exception it raises is logged. Returns a function removing it.
+        all count; a job leaves when retention prunes it or a resync finds it
+        gone. The listener runs inside the bus callback, so it must not block;
+        an exception it raises is logged. Returns a function removing it.
         """
         self._change_listeners.append(listener)
         return lambda: self._change_listeners.remove(listener)
 
-    def _changed(self, job_id: str, status: OpStatus) -> None:
+    def _changed(self, job_id: str, status: OpStatus | None) -> None:
         self.revision += 1
-        self._changed_at[job_id] = time.monotonic()
+        if status is None:
+            self._changed_at.pop(job_id, None)
+        else:
+            self._changed_at[job_id] = time.monotonic()
         for listener in list(self._change_listeners):
             try:
                 listener(job_id, status)
@@ -395,9 +401,8 @@ class OperationsService:
 
     def forget(self, job_id: str) -> None:
         """Drop the status of `job_id` from memory."""
-        self.revision += 1
-        self._held.pop(job_id, None)
-        self._changed_at.pop(job_id, None)
+        if self._held.pop(job_id, None) is not None:
+            self._changed(job_id, None)
         self._terminal_since.pop(job_id, None)
 
     def _apply(self, job_id: str, status: OpStatus, version: int | None) -> bool:
@@ -457,12 +462,10 @@ class OperationsService:
         expired = [
             job_id for job_id, since in self._terminal_since.items() if since < deadline
         ]
-        if expired:
-            self.revision += 1
         for job_id in expired:
             del self._terminal_since[job_id]
-            self._held.pop(job_id, None)
-            self._changed_at.pop(job_id, None)
+            if self._held.pop(job_id, None) is not None:
+                self._changed(job_id, None)
             self.op_types.pop(job_id, None)
             self.opcache.discard(job_id)
             self._pruned[job_id] = None

@@ -211,9 +211,12 @@ async def test_operations_body_follows_changes(cluster: Cluster) -> None:
 async def test_change_listener_sees_adopted_end(cluster: Cluster) -> None:
     a = await cluster.add("a")
     seen: list[tuple[str, bool]] = []
-    a.operations.on_change(
-        lambda job_id, status: seen.append((job_id, status.cancelled))
-    )
+
+    def listener(job_id: str, status: OpStatus | None) -> None:
+        assert status is not None
+        seen.append((job_id, status.cancelled))
+
+    a.operations.on_change(listener)
     await a.operations.update_status("job-1", OpStatus(progress=10))
     revision = a.operations.revision
 

@@ -575,15 +575,16 @@ async def test_change_listener_sees_local_and_peer(
 ) -> None:
     a = await cluster.add("a")
     b = await cluster.add("b")
-    seen: list[tuple[str, float]] = []
+    seen: list[tuple[str, float | None]] = []
 
-    def failing(job_id: str, status: OpStatus) -> None:
+    def failing(job_id: str, status: OpStatus | None) -> None:
         raise RuntimeError("listener bug")
 
+    def listener(job_id: str, status: OpStatus | None) -> None:
+        seen.append((job_id, status.progress if status else None))
+
     b.operations.on_change(failing)
-    remove = b.operations.on_change(
-        lambda job_id, status: seen.append((job_id, status.progress))
-    )
+    remove = b.operations.on_change(listener)
     await b.operations.update_status("job-b", OpStatus(progress=10))
     await a.operations.update_status("job-a", OpStatus(progress=20))
     await cluster.settle()
@@ -649,3 +650,25 @@ async def test_owner_honours_current_cancellable(cluster: Cluster) -> None:
     assert locked_status.cancelled is False
     assert unlocked_status is not None
     assert unlocked_status.cancelled is True
+
+
+async def test_change_listener_sees_removals(cluster: Cluster) -> None:
+    a = await cluster.add("a")
+    seen: list[tuple[str, bool | None]] = []
+
+    def listener(job_id: str, status: OpStatus | None) -> None:
+        seen.append((job_id, None if status is None else status.terminal))
+
+    a.operations.on_change(listener)
+    await a.operations.update_status("job-1", OpStatus(progress=10))
+    await a.operations.update_status("job-2", OpStatus(processed=True))
+    a.operations.forget("job-1")
+    a.operations.prune(retention=-1.0)
+    a.operations.forget("job-1")
+
+    assert seen == [
+        ("job-1", False),
+        ("job-2", True),
+        ("job-1", None),
+        ("job-2", None),
+    ]
