@@ -120,6 +120,9 @@ class Demo:
         self.install_seconds = install_seconds
         self.out = out
         self.replicas: list[ReplicaProcess] = []
+        # Every process started, ready or not, so an interrupt stops them all.
+        self._processes: list[asyncio.subprocess.Process] = []
+        self._launches: set[asyncio.Task[ReplicaProcess]] = set()
         self.result = DemoResult()
         self._turn = 0
         self._session: aiohttp.ClientSession | None = None
@@ -168,6 +171,7 @@ class Demo:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
             )
+        self._processes.append(process)
         assert process.stdout is not None
         try:
             line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT)
@@ -225,6 +229,7 @@ class Demo:
             await asyncio.sleep(POLL_INTERVAL)
             if late is None and self.result.polls == LATE_REPLICA_AFTER_POLLS:
                 late = asyncio.create_task(self.launch("replica-4"))
+                self._launches.add(late)
             if late is not None and late.done() and len(self.replicas) == 3:
                 await self.admit_late_replica(late.result(), job_id)
 
@@ -350,15 +355,21 @@ class Demo:
         raise RuntimeError(f"job {job_id} never listed on {replica.name}")
 
     async def stop_replicas(self) -> None:
-        for replica in self.replicas:
-            if replica.process.returncode is None:
-                replica.process.send_signal(signal.SIGTERM)
-        for replica in self.replicas:
+        """Stop every replica process started, the ones still starting included."""
+        for launch in self._launches:
+            launch.cancel()
+        for launch in self._launches:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await launch
+        for process in self._processes:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self._processes:
             try:
-                await asyncio.wait_for(replica.process.wait(), 10)
+                await asyncio.wait_for(process.wait(), 10)
             except TimeoutError:
-                replica.process.kill()
-                await replica.process.wait()
+                process.kill()
+                await process.wait()
 
 
 def show_logs(work_dir: Path, out: TextIO, lines: int = 15) -> None:
