@@ -59,6 +59,7 @@ class DemoResult:
     models_reloaded: bool = False
     bus: str = "nats"
     store: str = "postgres"
+    work_dir: str = ""
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -83,6 +84,7 @@ class DemoResult:
             "late_replica_hydrated": self.late_replica_hydrated,
             "bus": self.bus,
             "store": self.store,
+            "work_dir": self.work_dir,
         }
 
 
@@ -471,6 +473,7 @@ def run_demo(
         file=out,
     )
     if json_output:
+        result.work_dir = str(work_dir)
         print(json.dumps(result.summary()), file=out)
     out.flush()
     return 0 if result.passed else 1
