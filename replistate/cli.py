@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -33,29 +34,52 @@ __all__ = ["build_parser", "main"]
 
 
 MIN_INSTALL_SECONDS = 3.0
+MAX_INSTALL_SECONDS = 3600.0
+"""Longest simulated install of `demo`: an hour, far longer than a demo needs."""
+MAX_WINDOW_SECONDS = 1e9
+"""Widest window of `ops list`, about 31 years: older than any stored row, and
+small enough for Python's timedelta and PostgreSQL's timestamps."""
 
 
-def install_seconds(text: str) -> float:
-    """Parse the `--install-seconds` value, rejecting installs too short to check."""
+def _seconds(text: str) -> float:
+    """Parse a finite number of seconds; argparse reports the error."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if value < MIN_INSTALL_SECONDS:
+    if not math.isfinite(value):
         raise argparse.ArgumentTypeError(
-            f"{value:g} s is too short: use at least {MIN_INSTALL_SECONDS:g} s"
+            f"invalid number {text!r}: use a finite number of seconds"
         )
     return value
 
 
-def positive_number(text: str) -> float:
-    """Parse a number of seconds greater than zero."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+def install_seconds(text: str) -> float:
+    """Parse the `--install-seconds` value, rejecting installs too short to check
+    and longer than `MAX_INSTALL_SECONDS`."""
+    value = _seconds(text)
+    if value < MIN_INSTALL_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{value:g} s is too short: use at least {MIN_INSTALL_SECONDS:g} s"
+        )
+    if value > MAX_INSTALL_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{value:g} s is too long: use at most {MAX_INSTALL_SECONDS:g} s"
+        )
+    return value
+
+
+def window_seconds(text: str) -> float:
+    """Parse the `--window-seconds` value: greater than zero and at most
+    `MAX_WINDOW_SECONDS`."""
+    value = _seconds(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} is not greater than zero")
+    if value > MAX_WINDOW_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{value:g} s is too long: use at most {MAX_WINDOW_SECONDS:g} s "
+            "(about 31 years)"
+        )
     return value
 
 
@@ -157,8 +181,8 @@ def _add_demo(commands: Subparsers) -> None:
         type=install_seconds,
         default=6.0,
         help="duration of each simulated install, in seconds, at least "
-        f"{MIN_INSTALL_SECONDS:g} so a fourth replica can start during it "
-        "(default: %(default)s)",
+        f"{MIN_INSTALL_SECONDS:g} so a fourth replica can start during it, and at "
+        f"most {MAX_INSTALL_SECONDS:g} (default: %(default)s)",
     )
     _add_json_option(demo, "one line of JSON holding the results at the end")
     demo.set_defaults(dispatch=_dispatch_demo)
@@ -188,10 +212,10 @@ def _add_ops(commands: Subparsers) -> None:
     listing.add_argument(
         "--window-seconds",
         metavar="SECONDS",
-        type=positive_number,
+        type=window_seconds,
         default=ACTIVE_WINDOW.total_seconds(),
-        help="list only operations updated within this many seconds "
-        "(default: %(default)g)",
+        help="list only operations updated within this many seconds, at most "
+        f"{MAX_WINDOW_SECONDS:g} (default: %(default)g)",
     )
     _add_json_option(listing, 'one line of JSON: {"table": ..., "operations": [...]}')
     listing.set_defaults(dispatch=_dispatch_list)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -33,11 +34,14 @@ from replistate import (
 )
 from replistate._servers import ThrowawayNats, find_free_port
 from replistate.admin import watch as admin_watch
-from replistate.admin.connections import redact_url
+from replistate.admin.command import print_error
+from replistate.admin.connections import open_bus, redact_url
 from replistate.admin.render import (
+    detail_lines,
     operations_table,
     progress_bar,
     status_line,
+    to_json,
     utc_text,
 )
 from replistate.admin.watch import EventKind, decode_event, default_patterns, event_line
@@ -50,6 +54,13 @@ from .conftest import drop_table, eventually
 pytestmark = pytest.mark.timeout(60)
 
 REPLICA_ID = "replica-cli"
+ESCAPES = "\x1b]0;owned\x07\x1b[2J\x9b1m\u202e"
+"""Control characters as a hostile message could contain them: a window title set
+with OSC, a screen clear, a C1 CSI and a right-to-left override."""
+SHOWN_ESCAPES = "\\x1b]0;owned\\x07\\x1b[2J\\x9b1m\\u202e"
+"""`ESCAPES` as the text output shows them."""
+RAW_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e]")
+"""Control characters that must not reach a terminal: all but newline and tab."""
 COLUMNS = {
     "id",
     "gallery_element_name",
@@ -359,6 +370,73 @@ def test_status_line_shows_error() -> None:
     assert status_line(status) == " 80% failed (error: disk full)"
 
 
+def test_status_line_escapes_controls() -> None:
+    status = OpStatus(progress=40.0, message=f"get {ESCAPES}", error=f"x{ESCAPES}\ny")
+
+    line = status_line(status)
+    cut = status_line(status, 60)
+
+    assert line == (
+        f" 40% downloading get {SHOWN_ESCAPES} (error: x{SHOWN_ESCAPES}\\ny)"
+    )
+    assert RAW_CONTROLS.search(cut) is None
+    assert len(cut) == 59
+
+
+def test_operations_table_escapes_controls() -> None:
+    record = OperationRecord(
+        id="job-1",
+        gallery_element_name=f"model{ESCAPES}",
+        frontend_id=f"replica{ESCAPES}",
+        updated_at=datetime(2025, 1, 31, 12, 0, 3, tzinfo=UTC),
+    )
+
+    header, row = operations_table([record], width=400)
+
+    assert row.split() == [
+        "job-1",
+        f"model{SHOWN_ESCAPES}",
+        "pending",
+        f"[{'.' * 30}]",
+        "0%",
+        f"replica{SHOWN_ESCAPES}",
+        "2025-01-31T12:00:03Z",
+    ]
+    assert header.index("OWNER") == row.index("replica")
+
+
+def test_detail_lines_escape_controls() -> None:
+    record = OperationRecord(
+        id="job-1", message=f"get {ESCAPES}", error=f"x{ESCAPES}", frontend_id="r"
+    )
+
+    lines = detail_lines(record, width=100)
+
+    assert RAW_CONTROLS.search("\n".join(lines)) is None
+    stored, decoded = parse_details("\n".join(lines))
+    assert stored["message"] == f"get {SHOWN_ESCAPES}"
+    assert stored["error"] == f"x{SHOWN_ESCAPES}"
+    assert decoded["message"] == f"get {SHOWN_ESCAPES}"
+    assert decoded["error"] == f"x{SHOWN_ESCAPES}"
+
+
+def test_json_escapes_every_control() -> None:
+    """JSON lines contain no raw control character and decode to the exact text."""
+    document = {"message": f"a{ESCAPES}\u0085\x7f\u2066z"}
+
+    line = to_json(document)
+
+    assert RAW_CONTROLS.search(line) is None
+    assert "\u2066" not in line
+    assert json.loads(line) == document
+
+
+def test_print_error_escapes_controls(capsys: pytest.CaptureFixture[str]) -> None:
+    print_error(f"table {ESCAPES} failed")
+
+    assert capsys.readouterr().err == f"replistate: table {SHOWN_ESCAPES} failed\n"
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
@@ -381,10 +459,83 @@ def test_status_line_shows_error() -> None:
             "nats://a:***@127.0.0.1:4222,nats://127.0.0.1:4223",
         ),
         ("nats://127.0.0.1:4222", None),
+        # libpq ends a password at the first "@" before a "/", not at "?" or "#".
+        (
+            "postgresql://postgres:hun?ter2@127.0.0.1:5432/test",
+            "postgresql://postgres:***@127.0.0.1:5432/test",
+        ),
+        (
+            "postgresql://postgres:hun#ter2@127.0.0.1/test",
+            "postgresql://postgres:***@127.0.0.1/test",
+        ),
+        (
+            "postgresql://postgres:hun@ter2@127.0.0.1/test",
+            "postgresql://postgres:***@127.0.0.1/test",
+        ),
+        (
+            "postgresql://postgres:hun/ter2@127.0.0.1/test",
+            "postgresql://postgres:***@127.0.0.1/test",
+        ),
+        (
+            "postgresql://postgres:hun,ter2@127.0.0.1:5432,127.0.0.2:5433/test",
+            "postgresql://postgres:***@127.0.0.1:5432,127.0.0.2:5433/test",
+        ),
+        (
+            "postgresql://:hunter2@127.0.0.1/test?sslmode=off",
+            "postgresql://:***@127.0.0.1/test?sslmode=off",
+        ),
+        (
+            "postgresql://127.0.0.1/test?%70assword=hunter2",
+            "postgresql://127.0.0.1/test?%70assword=***",
+        ),
+        (
+            "postgresql://127.0.0.1/test?sslpassword=hunter2&password=hun%26ter2",
+            "postgresql://127.0.0.1/test?sslpassword=***&password=***",
+        ),
+        (
+            "postgresql://127.0.0.1?user=me@corp&password=hunter2",
+            "postgresql://127.0.0.1?user=me@corp&password=***",
+        ),
+        (
+            "host=127.0.0.1 password='hun\\'ter 2' dbname=test",
+            "host=127.0.0.1 password='***' dbname=test",
+        ),
+        (
+            "host=127.0.0.1 password = 'hunter 2'dbname=test",
+            "host=127.0.0.1 password = '***'dbname=test",
+        ),
+        (
+            "host=127.0.0.1\tpassword=hun\\ ter2\nuser=me",
+            "host=127.0.0.1\tpassword=***\nuser=me",
+        ),
+        # libpq rejects an upper-case scheme, so the password cannot be located.
+        ("POSTGRESQL://postgres:hunter2@127.0.0.1/test", "***"),
+        ("nats://a:hun?ter2@127.0.0.1:4222", "nats://a:***@127.0.0.1:4222"),
+        ("nats://a:hun#ter2@127.0.0.1:4222", "nats://a:***@127.0.0.1:4222"),
+        ("nats://a:hun/ter2@127.0.0.1:4222", "nats://a:***@127.0.0.1:4222"),
+        ("nats://a:hun,ter2@127.0.0.1:4222", "nats://a:***@127.0.0.1:4222"),
+        ("nats://hun?ter2@127.0.0.1:4222", "nats://***@127.0.0.1:4222"),
+        ("a:hunter2@127.0.0.1:4222", "a:***@127.0.0.1:4222"),
+        (
+            "tls://a:hunter2@127.0.0.1:4222, nats://tok3n@127.0.0.2:4222",
+            "tls://a:***@127.0.0.1:4222, nats://***@127.0.0.2:4222",
+        ),
     ],
 )
 def test_redact_url(url: str, shown: str | None) -> None:
     assert redact_url(url) == (shown or url)
+
+
+def test_redact_url_falls_back_to_summary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When libpq still reads a password in the redacted string, only the user,
+    host, port and database are shown."""
+    monkeypatch.setattr("replistate.admin.redact._redact_pairs", lambda text: text)
+
+    redacted = redact_url(
+        "host=127.0.0.1 port=5432 user=me password=hunter2 dbname=test sslmode=off"
+    )
+
+    assert redacted == "host=127.0.0.1 port=5432 dbname=test user=me password=***"
 
 
 # Watch decoding --------------------------------------------------------------
@@ -551,6 +702,99 @@ def test_url_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert flag_args.nats_url == "nats://a:1"
 
 
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (
+            ["ops", "list", "--window-seconds", "inf"],
+            "replistate ops list: error: argument --window-seconds: invalid number "
+            "'inf': use a finite number of seconds",
+        ),
+        (
+            ["ops", "list", "--window-seconds", "1e309"],
+            "replistate ops list: error: argument --window-seconds: invalid number "
+            "'1e309': use a finite number of seconds",
+        ),
+        (
+            ["ops", "list", "--window-seconds", "nan"],
+            "replistate ops list: error: argument --window-seconds: invalid number "
+            "'nan': use a finite number of seconds",
+        ),
+        (
+            ["ops", "list", "--all", "--window-seconds", "1e14"],
+            "replistate ops list: error: argument --window-seconds: 1e+14 s is too "
+            "long: use at most 1e+09 s (about 31 years)",
+        ),
+        (
+            ["ops", "list", "--window-seconds=-5"],
+            "replistate ops list: error: argument --window-seconds: -5 is not "
+            "greater than zero",
+        ),
+        (
+            ["watch", "--count", "inf"],
+            "replistate watch: error: argument --count: invalid whole number 'inf'",
+        ),
+        (
+            ["watch", "--count", "0"],
+            "replistate watch: error: argument --count: 0 is not greater than zero",
+        ),
+        (
+            ["demo", "--install-seconds", "nan"],
+            "replistate demo: error: argument --install-seconds: invalid number "
+            "'nan': use a finite number of seconds",
+        ),
+        (
+            ["demo", "--install-seconds", "inf"],
+            "replistate demo: error: argument --install-seconds: invalid number "
+            "'inf': use a finite number of seconds",
+        ),
+        (
+            ["demo", "--install-seconds", "86400"],
+            "replistate demo: error: argument --install-seconds: 86400 s is too "
+            "long: use at most 3600 s",
+        ),
+    ],
+)
+def test_numeric_option_rejected(
+    capsys: pytest.CaptureFixture[str], argv: list[str], error: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == error
+
+
+def test_numeric_option_limits() -> None:
+    parser = build_parser()
+
+    window = parser.parse_args(["ops", "list", "--window-seconds", "1e9"])
+    install = parser.parse_args(["demo", "--install-seconds", "3600"])
+    count = parser.parse_args(["watch", "--count", str(10**30)])
+
+    assert window.window_seconds == 1e9
+    assert install.install_seconds == 3600.0
+    assert count.count == 10**30
+
+
+async def test_infinite_window_is_usage_error(children: list[Child]) -> None:
+    """The value is rejected with exit code 2 before the command runs."""
+    port = find_free_port()
+    url = f"postgresql://postgres@127.0.0.1:{port}/test"
+    child = await spawn("ops", "list", "--window-seconds", "inf", "--postgres-url", url)
+    children.append(child)
+
+    result = await child.finish()
+
+    assert result.code == 2
+    assert result.out == ""
+    assert "Traceback" not in result.err
+    assert result.err.splitlines()[-1] == (
+        "replistate ops list: error: argument --window-seconds: invalid number "
+        "'inf': use a finite number of seconds"
+    )
+
+
 async def test_invalid_job_id_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     """The id is rejected before any server is contacted."""
     result = await cli(
@@ -622,6 +866,105 @@ async def test_unreachable_nats_from_environment(children: list[Child]) -> None:
         f"replistate: cannot connect to NATS at nats://127.0.0.1:{port}: "
     )
     assert "Connect call failed" in result.err
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        (
+            "postgresql://postgres:hun?ter2@127.0.0.1:{port}/test",
+            "postgresql://postgres:***@127.0.0.1:{port}/test",
+        ),
+        (
+            "postgresql://postgres:hun#ter2@127.0.0.1:{port}/test",
+            "postgresql://postgres:***@127.0.0.1:{port}/test",
+        ),
+        (
+            "host=127.0.0.1 port={port} user=postgres password='hun\\'s ter2'",
+            "host=127.0.0.1 port={port} user=postgres password='***'",
+        ),
+    ],
+)
+async def test_unreachable_postgres_hides_password(
+    capsys: pytest.CaptureFixture[str], url: str, redacted: str
+) -> None:
+    port = find_free_port()
+
+    result = await cli(capsys, "ops", "list", "--postgres-url", url.format(port=port))
+
+    assert result.code == 3
+    assert result.err.startswith(
+        f"replistate: cannot connect to PostgreSQL at {redacted.format(port=port)}: "
+    )
+    assert "hun" not in result.err
+    assert "ter2" not in result.err
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        (
+            "POSTGRESQL://postgres:hunter2@127.0.0.1:1/test",
+            'missing "=" after "***" in connection info string',
+        ),
+        (
+            "postgresql://postgres:hun%zzter2@127.0.0.1:1/test",
+            'invalid percent-encoded token: "***"',
+        ),
+        ("host=127.0.0.1 password=hun ter2", 'missing "=" after "***" in connection'),
+    ],
+)
+async def test_invalid_postgres_url_hides_password(
+    capsys: pytest.CaptureFixture[str], url: str, reason: str
+) -> None:
+    """libpq quotes the part of the URL it cannot parse, password included."""
+    result = await cli(capsys, "ops", "list", "--postgres-url", url)
+
+    assert result.code == 2
+    assert result.err.startswith(f"replistate: invalid PostgreSQL URL: {reason}")
+    assert result.err.endswith(
+        "; use a URL such as postgresql://USER:PASSWORD@HOST:PORT/DBNAME or "
+        "key=value pairs\n"
+    )
+    assert "hun" not in result.err
+    assert "ter2" not in result.err
+
+
+async def test_unreachable_nats_hides_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    port = find_free_port()
+    url = f"nats://cli:hun?ter2@127.0.0.1:{port}"
+
+    result = await cli(capsys, "watch", "--nats-url", url)
+
+    assert result.code == 3
+    assert result.err.startswith(
+        f"replistate: cannot connect to NATS at nats://cli:***@127.0.0.1:{port}: "
+    )
+    assert "hun" not in result.err
+    assert "ter2" not in result.err
+
+
+async def test_bus_log_lines_hide_password(
+    caplog: pytest.LogCaptureFixture, nats_url: str
+) -> None:
+    """The bus logs its URL, such as on a disconnect; the commands print those
+    lines on stderr."""
+    caplog.set_level(logging.INFO, logger="replistate.bus.nats")
+    url = nats_url.replace("nats://", "nats://cli:hunter2@", 1)
+    redacted = nats_url.replace("nats://", "nats://cli:***@", 1)
+
+    async with open_bus(url):
+        logging.getLogger("replistate.bus.nats").warning(
+            "disconnected from NATS at %s, reconnecting", url
+        )
+
+    assert caplog.messages[:2] == [
+        f"connected to NATS at {redacted}",
+        f"disconnected from NATS at {redacted}, reconnecting",
+    ]
+    assert not any("hunter2" in message for message in caplog.messages)
 
 
 async def test_missing_table(
@@ -1001,6 +1344,71 @@ async def test_ops_show_follow_already_ended(
     ]
 
 
+async def test_ops_output_escapes_controls(
+    capsys: pytest.CaptureFixture[str],
+    nats_url: str,
+    postgres_url: str,
+    prefix: str,
+    table_name: str,
+) -> None:
+    """Row text reaches the terminal escaped, and the JSON output exact."""
+    store = PostgresGalleryStore(postgres_url, table=table_name)
+    await store.open()
+    try:
+        await store.ensure_schema()
+        status = OpStatus(
+            progress=40.0,
+            message=f"get {ESCAPES}",
+            error=f"x{ESCAPES}",
+            processed=True,
+            gallery_element_name=f"model{ESCAPES}",
+        )
+        await store.save_status(
+            "job-1", status, version=1, frontend_id=f"replica{ESCAPES}"
+        )
+        options = ["--postgres-url", postgres_url, "--table", table_name]
+
+        listing = await cli(capsys, "ops", "list", "--all", *options)
+        details = await cli(capsys, "ops", "show", "job-1", *options)
+        followed = await cli(
+            capsys,
+            "ops",
+            "show",
+            "job-1",
+            "--follow",
+            *options,
+            "--nats-url",
+            nats_url,
+            "--prefix",
+            prefix,
+        )
+        document = await cli(capsys, "ops", "show", "job-1", "--json", *options)
+
+        assert listing.code == 0
+        assert RAW_CONTROLS.search(listing.out) is None
+        assert listing.out.splitlines()[1].split()[:2] == [
+            "job-1",
+            f"model{SHOWN_ESCAPES}",
+        ]
+        assert details.code == 0
+        assert RAW_CONTROLS.search(details.out) is None
+        stored, _ = parse_details(details.out)
+        assert stored["message"] == f"get {SHOWN_ESCAPES}"
+        assert stored["frontend_id"] == f"replica{SHOWN_ESCAPES}"
+        assert followed.code == 7, followed.err
+        assert RAW_CONTROLS.search(followed.out) is None
+        assert followed.out.splitlines()[-1] == f"job job-1 failed: x{SHOWN_ESCAPES}"
+        assert document.code == 0
+        assert RAW_CONTROLS.search(document.out) is None
+        operation = json.loads(document.out)["operation"]
+        assert operation["message"] == f"get {ESCAPES}"
+        assert operation["error"] == f"x{ESCAPES}"
+        assert operation["frontend_id"] == f"replica{ESCAPES}"
+    finally:
+        await store.close()
+        await drop_table(postgres_url, table_name)
+
+
 # ops cancel ------------------------------------------------------------------
 
 
@@ -1198,6 +1606,42 @@ async def test_watch_subject_pattern(cluster: Cluster, children: list[Child]) ->
     assert result.code == 0
     line = result.out.rstrip("\n")
     assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3} cancel +job-1", line), line
+
+
+async def test_watch_escapes_controls(cluster: Cluster, children: list[Child]) -> None:
+    """A message that would retitle the window and clear the screen is printed
+    escaped, and exact in JSON."""
+    options = ["--count", "2", *cluster.nats_options()]
+    text_child = await spawn("watch", *options)
+    json_child = await spawn("watch", "--json", *options)
+    children += [text_child, json_child]
+    await text_child.wait_watching()
+    await json_child.wait_watching()
+    bus = cluster.replica.bus
+    assert bus is not None
+    status = OpStatus(message=f"get {ESCAPES}", error=f"x{ESCAPES}")
+    message = ProgressMessage(job_id="job-1", status=status, origin=f"r{ESCAPES}")
+
+    await bus.publish(f"{cluster.prefix}.job-1.progress", encode(message))
+    await bus.publish(f"{cluster.prefix}.misc", f"raw {ESCAPES}".encode())
+    text = await text_child.finish()
+    documents = await json_child.finish()
+
+    assert text.code == 0, text.err
+    assert RAW_CONTROLS.search(text.out) is None
+    progress, other = text.out.splitlines()
+    assert progress.endswith(
+        f"job-1 pending 0% get {SHOWN_ESCAPES} error: x{SHOWN_ESCAPES} "
+        f"(from r{SHOWN_ESCAPES})"
+    )
+    assert other.endswith(f"other               - payload: raw {SHOWN_ESCAPES}")
+    assert documents.code == 0, documents.err
+    assert RAW_CONTROLS.search(documents.out) is None
+    first, second = (json.loads(line) for line in documents.out.splitlines())
+    assert first["message"] == f"get {ESCAPES}"
+    assert first["error"] == f"x{ESCAPES}"
+    assert first["origin"] == f"r{ESCAPES}"
+    assert second["raw"] == f"raw {ESCAPES}"
 
 
 @pytest.mark.integration

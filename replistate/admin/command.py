@@ -20,6 +20,7 @@ from typing import Any
 
 import psycopg
 
+from replistate.admin.render import printable
 from replistate.errors import BusError, InvalidIdError, StoreError
 
 __all__ = ["CommandError", "ExitCode", "print_error", "run"]
@@ -63,8 +64,9 @@ class CommandError(Exception):
 
 
 def print_error(message: str) -> None:
-    """Print `message` on stderr as the command's one-line error."""
-    text = " ".join(message.split())
+    """Print `message` on stderr as the command's one-line error, with its
+    control characters shown as escapes such as ``\\x1b``."""
+    text = printable(" ".join(message.split()))
     print(f"replistate: {text}", file=sys.stderr, flush=True)
 
 

@@ -4,15 +4,16 @@ Each command first opens one plain connection to each server it needs, so that a
 unreachable server fails the command at once with the driver's own reason, such as
 "Connection refused". The library clients retry until their timeout and log each
 attempt, which suits a replica riding out an outage but not a command a person
-waits on. URLs are shown with their password replaced by ``***``.
+waits on. URLs are shown with their passwords and tokens replaced by ``***``, and
+so are the secrets, or quoted pieces of them, that a server's error repeats.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
-import re
 from collections.abc import AsyncIterator
 from typing import Final
 
@@ -23,6 +24,8 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from replistate.admin.command import CommandError, ExitCode
+from replistate.admin.redact import redact_text, redact_url
+from replistate.bus import nats as nats_bus
 from replistate.bus.nats import NatsBus
 from replistate.errors import BusError, StoreError
 from replistate.store.postgres import PostgresGalleryStore
@@ -54,8 +57,6 @@ CONNECT_TIMEOUT: Final = 5.0
 CLIENT_NAME: Final = "replistate-cli"
 """The client name NATS monitoring shows for the commands' connections."""
 
-_PASSWORD_PARAMETER = re.compile(r"(password\s*=\s*)('[^']*'|[^\s&]+)")
-
 
 def url_from_env(name: str, default: str) -> str:
     """Return the URL in environment variable `name`, or `default` if unset or
@@ -63,35 +64,11 @@ def url_from_env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
-def redact_url(url: str) -> str:
-    """Return `url` with its password, or its NATS token, replaced by ``***``.
-
-    Handles comma-separated NATS server lists, URLs, and libpq ``key=value``
-    strings.
-    """
-    parts = []
-    for part in url.split(","):
-        scheme, separator, rest = part.partition("://")
-        if separator:
-            end = min((rest.find(c) for c in "/?#" if c in rest), default=len(rest))
-            userinfo, at, host = rest[:end].rpartition("@")
-            if at:
-                user, colon, _ = userinfo.partition(":")
-                if colon:
-                    userinfo = f"{user}:***"
-                elif not scheme.startswith("postgres"):
-                    # nats://TOKEN@host carries a secret token as the user name.
-                    userinfo = "***"
-                part = f"{scheme}://{userinfo}@{host}{rest[end:]}"
-        parts.append(_PASSWORD_PARAMETER.sub(r"\1***", part))
-    return ",".join(parts)
-
-
-def _reason(error: BaseException) -> str:
+def _reason(error: BaseException, url: str) -> str:
     if isinstance(error, TimeoutError):
         return f"no answer within {CONNECT_TIMEOUT:g} s"
     text = " ".join(str(error).split()) or type(error).__name__
-    return text.removeprefix("connection failed: ")
+    return redact_text(text.removeprefix("connection failed: "), url)
 
 
 async def open_connection(url: str) -> psycopg.AsyncConnection[TupleRow]:
@@ -107,13 +84,16 @@ async def open_connection(url: str) -> psycopg.AsyncConnection[TupleRow]:
                 url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT)
             )
     except psycopg.ProgrammingError as exc:
+        # libpq could not parse the URL, so the position of its password is
+        # unknown and the URL is not shown.
         raise CommandError(
-            f"invalid PostgreSQL URL {redact_url(url)!r}: {_reason(exc)}",
+            f"invalid PostgreSQL URL: {_reason(exc, url)}; use a URL such as "
+            "postgresql://USER:PASSWORD@HOST:PORT/DBNAME or key=value pairs",
             ExitCode.USAGE,
         ) from None
     except (psycopg.OperationalError, TimeoutError, OSError) as exc:
         raise CommandError(
-            f"cannot connect to PostgreSQL at {redact_url(url)}: {_reason(exc)}",
+            f"cannot connect to PostgreSQL at {redact_url(url)}: {_reason(exc, url)}",
             ExitCode.UNREACHABLE,
         ) from None
 
@@ -172,7 +152,7 @@ async def _check_table(
         row = await cursor.fetchone()
     except psycopg.Error as exc:
         raise CommandError(
-            f"cannot look up table {table!r}: {_reason(exc)}", ExitCode.ERROR
+            f"cannot look up table {table!r}: {_reason(exc, url)}", ExitCode.ERROR
         ) from None
     if row is None or row[0] is None:
         raise CommandError(
@@ -211,7 +191,7 @@ async def check_nats(url: str) -> None:
     except (TimeoutError, OSError, ValueError, nats.errors.Error) as exc:
         cause = errors[-1] if errors else exc
         raise CommandError(
-            f"cannot connect to NATS at {redact_url(url)}: {_reason(cause)}",
+            f"cannot connect to NATS at {redact_url(url)}: {_reason(cause, url)}",
             ExitCode.UNREACHABLE,
         ) from None
     await client.close()
@@ -221,19 +201,41 @@ async def check_nats(url: str) -> None:
 async def open_bus(url: str) -> AsyncIterator[NatsBus]:
     """Connect to NATS and yield the connected bus; close it on exit.
 
-    Once connected, the bus reconnects after an outage as a replica's does.
+    Once connected, the bus reconnects after an outage as a replica's does. Its
+    log lines, such as the warning on a disconnect, show the URL redacted.
 
     Raises:
         CommandError: see `check_nats`.
     """
     await check_nats(url)
     bus = NatsBus(url, name=CLIENT_NAME, connect_timeout=CONNECT_TIMEOUT)
+    log_filter = _RedactingFilter(url)
+    nats_bus.logger.addFilter(log_filter)
     try:
-        await bus.connect()
-    except BusError as exc:
-        message = str(exc).replace(url, redact_url(url))
-        raise CommandError(message, ExitCode.UNREACHABLE) from None
-    try:
-        yield bus
+        try:
+            await bus.connect()
+        except BusError as exc:
+            raise CommandError(
+                redact_text(str(exc), url), ExitCode.UNREACHABLE
+            ) from None
+        try:
+            yield bus
+        finally:
+            await bus.close()
     finally:
-        await bus.close()
+        nats_bus.logger.removeFilter(log_filter)
+
+
+class _RedactingFilter(logging.Filter):
+    """Replaces the secrets of a URL in the log records that pass through it."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_text(message, self.url)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True

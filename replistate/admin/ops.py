@@ -21,6 +21,7 @@ from replistate.admin.connections import open_bus, open_connection, open_store
 from replistate.admin.render import (
     detail_lines,
     operations_table,
+    printable,
     record_document,
     status_document,
     status_line,
@@ -76,7 +77,10 @@ ORDER BY created_at, id
 
 
 def _write(line: str = "") -> None:
-    sys.stdout.write(line + "\n")
+    # The renderers escape what they take from rows and messages already; this
+    # covers every other line. It leaves JSON lines unchanged, as `to_json`
+    # escapes every control character.
+    sys.stdout.write(printable(line) + "\n")
     sys.stdout.flush()
 
 

@@ -3,10 +3,16 @@
 Progress bars are drawn only when stdout is a terminal; the functions here take
 the width to draw in, so they are the same on a terminal and in tests. Times are
 shown in UTC, as ``2025-01-31T12:00:03Z``.
+
+Text from the bus and the table, such as a status message, may contain terminal
+escape sequences. The text output shows each control character as an escape
+such as ``\\x1b`` (see `printable`), and the JSON output escapes it as JSON does,
+so neither can move the cursor, retitle the window or clear the screen.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -24,6 +30,7 @@ __all__ = [
     "fit",
     "operations_table",
     "percent_text",
+    "printable",
     "progress_bar",
     "record_document",
     "status_document",
@@ -39,6 +46,19 @@ MIN_BAR_WIDTH: Final = 12
 MAX_BAR_WIDTH: Final = 32
 """Widest progress bar drawn, in characters, brackets included."""
 
+_CONTROL_CHARACTERS: Final = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+"""C0 and C1 control characters and DEL, which terminals act on, the Unicode
+bidirectional controls, which reorder the text shown around them, and lone
+surrogates, which stdout cannot encode."""
+
+_JSON_UNSAFE: Final = re.compile(
+    "[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
+"""The characters of `_CONTROL_CHARACTERS` that orjson writes unescaped. They
+only occur inside JSON strings, where a \\u escape stands for the same text."""
+
 TABLE_HEADERS: Final = ("JOB", "NAME", "STATE", "PROGRESS", "OWNER", "UPDATED")
 COLUMN_GAP: Final = "  "
 
@@ -52,6 +72,24 @@ def terminal_width(stream: TextIO) -> int | None:
     except ValueError:  # a closed stream
         return None
     return shutil.get_terminal_size().columns
+
+
+def printable(text: str) -> str:
+    """Return `text` with each control character shown as a Python escape,
+    ``\\x1b`` for ESC or ``\\u202e`` for a bidirectional override, so that it
+    prints on one line and cannot drive the terminal. Other text is unchanged."""
+    return _CONTROL_CHARACTERS.sub(_escape, text)
+
+
+_SHORT_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    character = match.group()
+    code = ord(character)
+    if character in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[character]
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 def progress_bar(percent: float, width: int) -> str:
@@ -102,8 +140,10 @@ def fit(line: str, width: int | None) -> str:
 
 
 def to_json(document: object) -> str:
-    """Return `document` as one line of JSON."""
-    return orjson.dumps(document).decode()
+    """Return `document` as one line of JSON, with every control character of
+    its strings escaped, so the line decodes to the same document."""
+    text = orjson.dumps(document).decode()
+    return _JSON_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 def record_document(record: OperationRecord) -> dict[str, Any]:
@@ -134,11 +174,11 @@ def operations_table(
     """
     rows = [
         [
-            record.id,
-            record.gallery_element_name or record.cache_key or "-",
+            printable(record.id),
+            printable(record.gallery_element_name or record.cache_key or "-"),
             record.status.value,
             percent_text(record.progress),
-            record.frontend_id or "-",
+            printable(record.frontend_id or "-"),
             utc_text(record.updated_at),
         ]
         for record in records
@@ -185,7 +225,7 @@ def detail_lines(record: OperationRecord, width: int | None = None) -> list[str]
     label_width = max(len(key) for key in [*stored, *decoded]) + 4
     lines = []
     for key, value in stored.items():
-        text = value_text(getattr(record, key))
+        text = printable(value_text(getattr(record, key)))
         if key == "progress":
             text = f"{value:g}%"
             if width is not None:
@@ -195,7 +235,9 @@ def detail_lines(record: OperationRecord, width: int | None = None) -> list[str]
     lines.append("")
     lines.append("status as replicas decode it:")
     for key, value in decoded.items():
-        lines.append(f"  {key:<{label_width - 2}}{value_text(value)}".rstrip())
+        lines.append(
+            f"  {key:<{label_width - 2}}{printable(value_text(value))}".rstrip()
+        )
     return lines
 
 
@@ -211,6 +253,7 @@ def status_line(status: OpStatus, width: int | None = None) -> str:
     line = " ".join(parts)
     if status.error is not None:
         line += f" (error: {status.error})"
+    line = printable(line)
     if width is None:
         return line
     bar_width = min(max(width // 3, MIN_BAR_WIDTH), MAX_BAR_WIDTH)

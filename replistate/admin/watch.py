@@ -22,6 +22,7 @@ from replistate.admin.command import CommandError, ExitCode, print_error
 from replistate.admin.connections import open_bus, redact_url
 from replistate.admin.render import (
     percent_text,
+    printable,
     progress_bar,
     terminal_width,
     to_json,
@@ -208,7 +209,8 @@ def event_line(event: BusEvent, bar_width: int | None = None) -> str:
 
     The line holds the local time, the kind, the job id or ``-``, the details
     of the message, and its origin replica and version. With `bar_width`, a
-    progress event gets a progress bar that wide.
+    progress event gets a progress bar that wide. Control characters are shown
+    as escapes (see `printable`).
     """
     time = event.time.astimezone().strftime("%H:%M:%S.%f")[:-3]
     parts = [time, f"{event.kind.value:<{KIND_WIDTH}}", event.job_id or "-"]
@@ -241,7 +243,7 @@ def event_line(event: BusEvent, bar_width: int | None = None) -> str:
         parts.append(f"INVALID: {event.invalid}")
     if event.raw is not None:
         parts.append(f"payload: {event.raw}")
-    return " ".join(parts)
+    return printable(" ".join(parts))
 
 
 def default_patterns(subjects: Subjects, job_id: str | None = None) -> list[str]:
@@ -319,8 +321,10 @@ async def watch(
             await bus.flush()
             scope = f" for job {job_id}" if job_id is not None else ""
             print(
-                f"watching {', '.join(chosen)}{scope} on {redact_url(nats_url)}; "
-                "press Ctrl-C to stop",
+                printable(
+                    f"watching {', '.join(chosen)}{scope} on "
+                    f"{redact_url(nats_url)}; press Ctrl-C to stop"
+                ),
                 file=sys.stderr,
                 flush=True,
             )
