@@ -6,6 +6,12 @@
 Without URLs it starts a throwaway nats-server and PostgreSQL on loopback, as the
 tests do. Each figure is measured `--runs` times and the median is reported; with
 ``--json`` the output ends with one line of JSON holding every figure.
+
+Ctrl-C or SIGTERM stops the run with exit code 130, after the peers and the
+throwaway servers stop and each benchmark drops its table.
+NOTE: the hydration and reads benchmarks fill their table, and the writes benchmark
+starts its replica, before the block that drops the table, so a signal during
+that step leaves the table behind.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import attrs
@@ -168,6 +176,21 @@ def one_run(found: Servers, sizes: Sizes, say: Callable[[str], None]) -> dict[st
     return figures
 
 
+def run_count(text: str) -> int:
+    """Parse the value of ``--runs``: a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid run count {text!r}: give a whole number of 1 or more"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"invalid run count {value}: give a whole number of 1 or more"
+        )
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__.splitlines()[0]
@@ -176,8 +199,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="end with one line of JSON")
     parser.add_argument(
         "--runs",
-        type=int,
-        help="runs of every figure; the median is reported (default: 3, 1 quick)",
+        type=run_count,
+        help="runs of every figure, 1 or more; the median is reported "
+        "(default: 3, 1 with --quick)",
     )
     parser.add_argument(
         "--nats-url",
@@ -194,20 +218,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """Handle SIGTERM as Ctrl-C, by running the current SIGINT handler.
+
+    Inside `asyncio.run` that handler cancels the main task on the first signal,
+    so the benchmark's `finally` clauses run while the event loop and the
+    replicas' background tasks still work, and `asyncio.run` then raises
+    KeyboardInterrupt. A second signal raises KeyboardInterrupt at once. Outside
+    `asyncio.run` it is Python's default handler, which raises KeyboardInterrupt.
+    """
+    on_sigint = signal.getsignal(signal.SIGINT)
+    if callable(on_sigint):
+        on_sigint(signal.SIGINT, frame)
+        return
+    # SIGINT is ignored, as in a job that a non-interactive shell starts with '&'.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = QUICK if args.quick else FULL
-    runs = args.runs or (1 if args.quick else 3)
+    default_runs = 1 if args.quick else 3
+    runs = args.runs if args.runs is not None else default_runs
     began = time.monotonic()
 
     def say(text: str) -> None:
         print(text, flush=True)
 
-    with servers(args.nats_url, args.postgres_url) as found:
-        results = []
-        for run in range(1, runs + 1):
-            say(f"== run {run} of {runs}")
-            results.append(one_run(found, sizes, say))
+    # SIGTERM unwinds like Ctrl-C, so the `with` blocks and `finally` clauses
+    # stop the peers and the servers and drop the tables on either signal.
+    # NOTE: a SIGTERM that arrives before this line, while Python imports the
+    # modules, still ends the process at once, but no server has started then.
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with servers(args.nats_url, args.postgres_url) as found:
+            results = []
+            for run in range(1, runs + 1):
+                say(f"== run {run} of {runs}")
+                results.append(one_run(found, sizes, say))
+    except KeyboardInterrupt:
+        print("interrupted: the benchmarks stopped", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
 
     summary: dict[str, Any] = {}
     for key in results[0]:

@@ -9,8 +9,9 @@ round-robin proxy on 127.0.0.1 that sends each request to the next replica in
 turn (see `rrproxy` for its ``/_proxy/`` control endpoints) and prints one JSON
 line: ``{"event": "ready", "url": ..., "replicas": [{"name", "url", "pid"}], ...}``.
 
-With given servers the replicas work in a table and under a subject prefix of their
-own, and the table is dropped at exit.
+With a given NATS server the replicas work under a subject prefix of their own,
+and with a given PostgreSQL in a table of their own, dropped at exit. So several
+launchers and other apps can share the servers.
 On exit, Ctrl-C or SIGTERM, it stops every process and removes every folder it
 made.
 """
@@ -361,12 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     work_dir = Path(tempfile.mkdtemp(prefix="replistate-launch-"))
     servers: list[ThrowawayNats | ThrowawayPostgres] = []
     postgres_url: str | None = args.postgres_url
+    # Given servers may be shared, so this group gets a table and subjects of its
+    # own on them, named alike so that a leftover table shows whose it was.
+    group_name = f"replistate_launch_{uuid.uuid4().hex[:12]}"
     own_table = postgres_url is not None
-    table = (
-        f"replistate_launch_{uuid.uuid4().hex[:12]}"
-        if own_table
-        else "gallery_operations"
-    )
+    own_subjects = args.nats_url is not None
+    table = group_name if own_table else "gallery_operations"
     log_dir = args.log_dir if args.log_dir is not None else work_dir / "logs"
     code = 1
     try:
@@ -385,9 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"started PostgreSQL on {postgres_url}")
         replica_args = ["--nats-url", nats_url, "--postgres-url", postgres_url]
         replica_args += ["--models-dir", str(work_dir / "models"), "--table", table]
-        if own_table:
-            # Given servers may be shared, so this group gets subjects of its own.
-            replica_args += ["--subject-prefix", table]
+        if own_subjects:
+            replica_args += ["--subject-prefix", group_name]
         if args.install_seconds is not None:
             replica_args += ["--install-seconds", str(args.install_seconds)]
         code = asyncio.run(serve(args, replica_args, table, work_dir, log_dir, say))

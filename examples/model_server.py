@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import uuid
 from collections.abc import Mapping
@@ -28,7 +29,6 @@ from typing import Any
 import attrs
 
 from replistate import (
-    InvalidIdError,
     NatsBus,
     NodeProgress,
     NodeState,
@@ -39,7 +39,7 @@ from replistate import (
     ReplicaConfig,
 )
 from replistate.codec import InvalidationMessage
-from replistate.subjects import DEFAULT_CACHE_PREFIX, DEFAULT_PREFIX, validate_token
+from replistate.subjects import DEFAULT_CACHE_PREFIX, DEFAULT_PREFIX
 
 logger = logging.getLogger("replistate.example")
 
@@ -49,6 +49,10 @@ PAGE_PATH = Path(__file__).with_name("operations.html")
 TICK_SECONDS = 0.1
 MODEL_SIZE_BYTES = 2_300_000_000
 NODES = (("node-1", "worker-a"), ("node-2", "worker-b"))
+
+MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+"""A valid model id, matched in full. The id names a file in the models folder,
+so it has no '/', '.' or other character a path or a subject gives a meaning."""
 
 
 @attrs.frozen
@@ -200,6 +204,16 @@ class ModelCatalog:
         self.names = {path.stem for path in self.models_dir.glob("*.yaml")}
 
 
+def check_model_id(model_id: str) -> str | None:
+    """Return why `model_id` is invalid, or None when it is valid."""
+    if MODEL_ID_PATTERN.fullmatch(model_id) is not None:
+        return None
+    return (
+        f"invalid model id {model_id!r}: use 1 to 128 letters, digits, '-' or '_', "
+        "starting with a letter or a digit"
+    )
+
+
 def human_size(size: float) -> str:
     """Format a byte count as a short human-readable string, such as "2.1 GB"."""
     for unit in ("B", "KB", "MB", "GB"):
@@ -212,7 +226,15 @@ def human_size(size: float) -> str:
 async def install_model(
     handle: OperationHandle, model_id: str, models_dir: Path, seconds: float
 ) -> None:
-    """Simulate the download of `model_id` on two nodes, then install it."""
+    """Simulate the download of `model_id` on two nodes, then install it.
+
+    Raises:
+        ValueError: `model_id` is invalid (see `check_model_id`), so its file
+            could land outside `models_dir`.
+    """
+    problem = check_model_id(model_id)
+    if problem is not None:
+        raise ValueError(problem)
     ticks = max(1, round(seconds / TICK_SECONDS))
     file_name = f"{model_id}.gguf"
     for tick in range(1, ticks + 1):
@@ -284,11 +306,10 @@ class ModelServer:
         self, replica: Replica, model_id: str
     ) -> tuple[int, dict[str, Any]]:
         """Start installing `model_id`, owned by `replica`; return HTTP status
-        and body."""
-        try:
-            validate_token(model_id, label="model id")
-        except InvalidIdError as exc:
-            return 400, {"error": str(exc)}
+        and body, 400 when `model_id` is invalid (see `check_model_id`)."""
+        problem = check_model_id(model_id)
+        if problem is not None:
+            return 400, {"error": problem}
         settings = self.settings
 
         async def work(handle: OperationHandle) -> None:

@@ -12,12 +12,18 @@ neither forwarded nor recorded, and they do not advance the rotation:
 
 A test can read ``/_proxy/next``, send harmless requests until a chosen upstream
 is next, and then read ``/_proxy/log`` to check where its request landed.
+
+The proxy forwards only origin-form request targets, which start with ``/``. It
+rejects any other target, such as the absolute form ``GET http://host/path`` or
+``OPTIONS *``, with 400 and records it with no upstream, without advancing the
+rotation.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -25,8 +31,11 @@ from typing import Any
 import aiohttp
 import attrs
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 from yarl import URL
+
+logger = logging.getLogger("rrproxy")
 
 SERVED_BY = "X-Served-By"
 """Response header naming the upstream that served the request."""
@@ -60,12 +69,13 @@ class Upstream:
 
 @attrs.define
 class RequestRecord:
-    """One forwarded request and the upstream it went to."""
+    """One request received for forwarding, and the upstream it went to."""
 
     seq: int
     method: str
     path: str
-    upstream: str
+    upstream: str | None
+    """Name of the upstream, or None for a request rejected before forwarding."""
     status: int | None = None
     """HTTP status of the response; None until the upstream responds."""
     error: str | None = None
@@ -82,6 +92,27 @@ class RequestRecord:
         if self.error is not None:
             body["error"] = self.error
         return body
+
+
+def _check_base_url(upstream: Upstream) -> None:
+    """Raise ValueError unless `upstream.url` is an HTTP base URL that a
+    request target can follow."""
+    try:
+        url = URL(upstream.url)
+        valid = (
+            url.scheme in ("http", "https")
+            and bool(url.host)
+            and not upstream.url.endswith("/")
+            and not url.query_string
+            and not url.fragment
+        )
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ValueError(
+            f"invalid URL {upstream.url!r} of upstream {upstream.name!r}: give "
+            "http://HOST:PORT, optionally with a path, without a trailing slash"
+        )
 
 
 class RoundRobinProxy:
@@ -102,6 +133,8 @@ class RoundRobinProxy:
     ) -> None:
         if not upstreams:
             raise ValueError("a round-robin proxy needs at least one upstream")
+        for upstream in upstreams:
+            _check_base_url(upstream)
         self.upstreams = list(upstreams)
         self._timeout = timeout
         self._turn = 0
@@ -117,7 +150,7 @@ class RoundRobinProxy:
 
     def make_app(self) -> web.Application:
         """Build the proxy application: control routes, then a catch-all."""
-        app = web.Application()
+        app = web.Application(middlewares=[self._reject_other_targets])
         app.add_routes(
             [
                 web.get("/_proxy/upstreams", self._list_upstreams),
@@ -153,6 +186,36 @@ class RoundRobinProxy:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    @web.middleware
+    async def _reject_other_targets(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        """Reject with 400 a request target that is not an origin-form path.
+
+        The upstream URL is the upstream's base URL followed by the request
+        target, which makes sense only for a target that starts with '/'. The
+        router has matched the request already, so this also covers targets that
+        match no route, such as ``*``.
+        """
+        if request.raw_path.startswith("/"):
+            return await handler(request)
+        error = (
+            f"invalid request target {request.raw_path!r}: the proxy forwards only "
+            "paths that start with '/', not absolute URLs or '*'"
+        )
+        self._log.append(
+            RequestRecord(
+                seq=next(self._seq),
+                method=request.method,
+                path=request.raw_path,
+                upstream=None,
+                status=400,
+                error=error,
+            )
+        )
+        logger.warning("rejected %s request: %s", request.method, error)
+        return web.json_response({"error": error}, status=400)
 
     async def _list_upstreams(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -218,6 +281,14 @@ class RoundRobinProxy:
                 allow_redirects=False,
             ) as response:
                 payload = await response.read()
+        except ValueError as exc:
+            # yarl raises ValueError on a URL it cannot parse, and aiohttp's
+            # InvalidURL is one too. The base URL was checked at start and the
+            # middleware lets only paths through, so the path is to blame.
+            record.status = 400
+            record.error = f"invalid request target {request.raw_path!r}: {exc}"
+            logger.warning("rejected %s request: %s", request.method, record.error)
+            return web.json_response({"error": record.error}, status=400)
         except (aiohttp.ClientError, TimeoutError) as exc:
             reason = str(exc) or type(exc).__name__
             record.status = 502
