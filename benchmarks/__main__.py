@@ -9,9 +9,6 @@ tests do. Each figure is measured `--runs` times and the median is reported; wit
 
 Ctrl-C or SIGTERM stops the run with exit code 130, after the peers and the
 throwaway servers stop and each benchmark drops its table.
-NOTE: the hydration and reads benchmarks fill their table, and the writes benchmark
-starts its replica, before the block that drops the table, so a signal during
-that step leaves the table behind.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import psycopg
 from psycopg import sql
 
-from benchmarks.common import Scope, Servers, drop_table, make_replica
+from benchmarks.common import Scope, Servers, make_replica, table_dropped
 
 ROUNDS = 5
 
@@ -104,8 +104,8 @@ async def measure(servers: Servers, operations: int) -> tuple[list[float], list[
     """Return the hydrate times and the baseline times, `ROUNDS` of each,
     interleaved so both see the same server state."""
     scope = Scope.new()
-    await fill(servers, scope, operations)
-    try:
+    async with table_dropped(servers, scope):
+        await fill(servers, scope, operations)
         ours: list[float] = []
         raw: list[float] = []
         # One untimed round of each warms the server's caches and the pools.
@@ -115,8 +115,6 @@ async def measure(servers: Servers, operations: int) -> tuple[list[float], list[
             ours.append(await replistate_seconds(servers, scope, operations))
             raw.append(await baseline_seconds(servers, scope, operations))
         return ours, raw
-    finally:
-        await drop_table(servers.postgres_url, scope.table)
 
 
 def run(servers: Servers, operations: int) -> tuple[list[float], list[float]]:

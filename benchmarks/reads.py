@@ -8,6 +8,7 @@ sends requests one after the other to each and times them.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from typing import Any
@@ -17,7 +18,7 @@ import psycopg
 from aiohttp import web
 from psycopg import sql
 
-from benchmarks.common import Scope, Servers, drop_table, make_replica
+from benchmarks.common import Scope, Servers, make_replica, table_dropped
 from benchmarks.hydration import _BASELINE_QUERY, fill
 from replistate.integrations import aiohttp as replistate_aiohttp
 from replistate.models import OpState
@@ -103,14 +104,16 @@ async def measure(
 ) -> tuple[list[float], list[float]]:
     """Return the request times of replistate's route and of the table reader."""
     scope = Scope.new()
-    await fill(servers, scope, operations)
-    replica = make_replica(servers, scope, "bench-reads", bus=False)
-    ours = web.Application()
-    replistate_aiohttp.setup(ours, replica)
-    ours.add_routes(replistate_aiohttp.routes(prefix="/api"))
-    ours_runner, ours_url = await serve(ours)
-    table_runner, table_url = await serve(table_app(servers, scope))
-    try:
+    async with table_dropped(servers, scope), contextlib.AsyncExitStack() as stack:
+        await fill(servers, scope, operations)
+        replica = make_replica(servers, scope, "bench-reads", bus=False)
+        ours = web.Application()
+        replistate_aiohttp.setup(ours, replica)
+        ours.add_routes(replistate_aiohttp.routes(prefix="/api"))
+        ours_runner, ours_url = await serve(ours)
+        stack.push_async_callback(ours_runner.cleanup)
+        table_runner, table_url = await serve(table_app(servers, scope))
+        stack.push_async_callback(table_runner.cleanup)
         async with aiohttp.ClientSession() as session:
             # One untimed round of each warms both paths.
             await time_requests(session, f"{ours_url}/api/operations", 5, operations)
@@ -122,7 +125,3 @@ async def measure(
                 session, f"{table_url}/api/operations", requests, operations
             )
         return mirror, table
-    finally:
-        await ours_runner.cleanup()
-        await table_runner.cleanup()
-        await drop_table(servers.postgres_url, scope.table)

@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from benchmarks.common import Scope, Servers, drop_table, make_replica
+from benchmarks.common import Scope, Servers, make_replica, table_dropped
 from replistate import OperationHandle, PostgresGalleryStore
 
 
@@ -61,16 +61,12 @@ async def measure(servers: Servers, ticks: int, seconds: float) -> Writes:
             await asyncio.sleep(pause)
         done.set()
 
-    await replica.start()
-    try:
+    async with table_dropped(servers, scope), replica:
         before = store.writes
         await replica.operations.start_operation("gallery@model-a", install)
         await done.wait()
         assert replica.operations.writer is not None
         await replica.operations.writer.flush()
         written = store.writes - before
-    finally:
-        await replica.stop()
-        await drop_table(servers.postgres_url, scope.table)
     # The Go design writes the placeholder, each tick, and the end.
     return Writes(ticks, seconds, written, ticks + 2)
