@@ -1,4 +1,4 @@
-"""What every benchmark shares: servers, names, timing and statistics."""
+"""Shared parts of the benchmarks: servers, names, peers and statistics."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import statistics
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
@@ -130,18 +129,6 @@ def percentile(samples: list[float], fraction: float) -> float:
 def median(samples: list[float]) -> float:
     """Return the median of `samples`."""
     return statistics.median(samples)
-
-
-class Stopwatch:
-    """Measures one interval with `time.perf_counter`."""
-
-    def __init__(self) -> None:
-        self.began = time.perf_counter()
-
-    @property
-    def elapsed(self) -> float:
-        """Seconds since the stopwatch was made."""
-        return time.perf_counter() - self.began
 
 
 class Peer:

@@ -80,7 +80,7 @@ async def time_samples(send: Send, receiver: Peer, samples: int) -> list[float]:
 
 
 async def replistate_latencies(servers: Servers, samples: int) -> list[float]:
-    """Time status changes from replica A until replica B holds them."""
+    """Time status changes from replica A until replica B has them."""
     scope = Scope.new()
     async with (
         table_dropped(servers, scope),

@@ -1,7 +1,7 @@
 """How many status updates per second one owner sustains with every peer keeping up.
 
 The owner, in the measuring process, sends updates spread over 100 jobs as fast as
-it can; two peers in their own processes hold every update. The time runs from
+it can. Two peers in their own processes receive every update. The time runs from
 the first send until both peers hold the last update, which each peer handles in
 order after all earlier ones; each peer then holds the same version of every job
 as the owner, or the run is reported incomplete. The baseline sends as many raw
