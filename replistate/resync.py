@@ -40,9 +40,9 @@ logger = logging.getLogger(__name__)
 
 
 FORGET_GRACE = 10.0
-"""Seconds a job must have been unchanged before a resync forgets it for missing
-from the store; its owner writes its first row a store round trip after
-announcing it, later when the store is slow."""
+"""Seconds a job must stay unchanged before a resync drops it for missing from the
+store. Its owner writes the first row a store round trip after announcing the job,
+and later when the store is slow."""
 
 
 class Resyncer:
@@ -71,7 +71,7 @@ class Resyncer:
         self.active_window = active_window
         self.interval = interval
         self.forget_grace = FORGET_GRACE
-        """Seconds a job must have been unchanged before it may be forgotten."""
+        """Seconds a job must stay unchanged before a resync may drop it."""
         self.runs = 0
         self.failures = 0
         self._requested = asyncio.Event()

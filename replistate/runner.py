@@ -84,10 +84,6 @@ class OperationRunner:
             # PostgreSQL text cannot hold NUL, so no write of the job would
             # ever be stored.
             raise ValueError(f"invalid cache key {cache_key!r}: it contains NUL")
-        if job_id in self._tasks or service.get_status(job_id) is not None:
-            raise OperationConflictError(
-                f"job id {job_id!r} is already in use", cache_key, job_id
-            )
         if chosen and service.store is not None:
             # A job that ended and left the mirror is still in the store, whose
             # terminal row would win over every write of a new run.
@@ -103,10 +99,10 @@ class OperationRunner:
                     cache_key,
                     job_id,
                 )
-            if job_id in self._tasks or service.get_status(job_id) is not None:
-                raise OperationConflictError(
-                    f"job id {job_id!r} is already in use", cache_key, job_id
-                )
+        if job_id in self._tasks or service.get_status(job_id) is not None:
+            raise OperationConflictError(
+                f"job id {job_id!r} is already in use", cache_key, job_id
+            )
         running = service.opcache.get(cache_key)
         if exclusive and running is not None and service.is_active(running):
             raise OperationConflictError(
@@ -131,8 +127,8 @@ class OperationRunner:
         )
         handle._task = task
         self._tasks[job_id] = (task, handle)
-        # Registered whatever `cancellable` says: the work may change its mind,
-        # and every cancel checks the status it holds then.
+        # Registered even when not cancellable, because the work may allow a
+        # cancel later: every cancel checks the status of that moment.
         service.register_cancel(job_id, handle._request_cancel)
         admission = asyncio.create_task(
             self._admit_or_cancel(handle, queued, is_backend),

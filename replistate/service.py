@@ -129,11 +129,11 @@ class OperationsService:
         # Jobs dropped by retention, so a resync does not bring them back.
         self._pruned: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.on_gap: Callable[[str], None] | None = None
-        self._change_listeners: list[ChangeListener] = []
-        self.revision = 0
-        self._changed_at: dict[str, float] = {}
-        """Grows with every change of the held statuses, so readers can cache."""
         """Called with the job id when a received version skips one or more."""
+        self.revision = 0
+        """Grows with every change of the held statuses, so readers can cache."""
+        self._change_listeners: list[ChangeListener] = []
+        self._changed_at: dict[str, float] = {}
         self.runner = OperationRunner(self)
         opcache.is_active = self.is_active
         opcache.on_displaced = self._on_displaced
@@ -179,7 +179,7 @@ class OperationsService:
         and `listener(job_id, None)` after a job leaves the mirror.
 
         Changes from this replica, from peers, from the store and from resyncs
-        all count; a job leaves when retention prunes it or a resync finds it
+        all count. A job leaves when retention prunes it or a resync finds it
         gone. The listener runs inside the bus callback, so it must not block;
         an exception it raises is logged. Returns a function removing it.
         """
