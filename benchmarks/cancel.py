@@ -2,7 +2,7 @@
 
 Replica A, in a peer process, owns one operation per sample that waits to be
 cancelled. Replica B, in the measuring process, requests the cancel and the time
-runs until B's mirror holds the cancelled status that A publishes once its work
+runs until B's mirror has the cancelled status that A publishes once its work
 stopped. The baseline is one raw nats-py request and reply between the same two
 processes.
 """
@@ -63,7 +63,7 @@ async def replistate_round_trips(servers: Servers, samples: int) -> list[float]:
 
 
 async def nats_round_trips(servers: Servers, samples: int) -> list[float]:
-    """Time `samples` raw nats-py requests answered by a peer process."""
+    """Time `samples` raw nats-py requests, each replied to by a peer process."""
     scope = Scope.new()
     subject = f"{scope.prefix}.echo"
     async with peer("echo-nats", servers, scope, subject=subject):

@@ -1,6 +1,6 @@
 """How much memory one active operation takes in a replica's mirror.
 
-A standalone replica holds `operations` running installs, each with a status as a
+A standalone replica contains `operations` running installs, each with a status as a
 download reports it, two nodes, and an OpCache entry. tracemalloc counts the bytes
 allocated for them, which are divided by the count.
 """

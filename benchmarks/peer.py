@@ -7,7 +7,7 @@ listens, then one line per reported event: ``<label> <time>``, where the time is
 process, so the measuring process subtracts it from its own readings.
 
 Only events whose text starts with ``report:`` are printed, so a peer flooded with
-updates prints nothing until the measuring process asks.
+updates prints nothing until the measuring process requests a report.
 
 Modes:
 - ``watch-replistate``: a replica that reports each reported status change, with

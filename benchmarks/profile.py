@@ -3,7 +3,7 @@
     python -m benchmarks.profile [--nats-url URL] [--postgres-url URL]
 
 Each path runs many times, first timed without the profiler, then under cProfile,
-and the functions with the most own time are printed. docs/benchmarks.md says what
+and the functions with the most own time are printed. docs/benchmarks.md lists what
 these profiles showed and what changed because of them.
 """
 

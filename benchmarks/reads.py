@@ -1,6 +1,6 @@
-"""How fast `GET /api/operations` answers with many active operations.
+"""How fast `GET /api/operations` responds with many active operations.
 
-Two aiohttp servers on loopback answer the same request with the same body: one
+Two aiohttp servers on loopback return the same body for the same request: one
 with replistate's route, from the replica's mirror, the other by reading the table
 on every request, as an app without a mirror must. A client in the same process
 sends requests one after the other to each and times them.

@@ -2,9 +2,9 @@
 
 The owner, in the measuring process, sends updates spread over 100 jobs as fast as
 it can. Two peers in their own processes receive every update. The time runs from
-the first send until both peers hold the last update, which each peer handles in
-order after all earlier ones; each peer then holds the same version of every job
-as the owner, or the run is reported incomplete. The baseline sends as many raw
+the first send until both peers have the last update, which each peer handles in
+order after all earlier ones. Each peer must then have the same version of every
+job as the owner, or the run is reported incomplete. The baseline sends as many raw
 nats-py messages of the same size to two wildcard subscribers in peer processes,
 which count what they receive, so a subscriber that fell behind and lost messages
 shows.

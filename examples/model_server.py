@@ -1,4 +1,4 @@
-"""What the aiohttp, Flask and FastAPI examples share: a simulated model server.
+"""The simulated model server that the aiohttp, Flask and FastAPI examples share.
 
 Installing a model downloads it for a few seconds, with progress on two worker
 nodes, then writes the model to a folder the replicas share. Each replica keeps
@@ -57,7 +57,7 @@ so it has no '/', '.' or other character a path or a subject gives a meaning."""
 
 @attrs.frozen
 class Settings:
-    """How one replica of an example runs."""
+    """Settings of one replica of an example."""
 
     nats_url: str
     postgres_url: str
@@ -162,7 +162,7 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> Settings:
 
     The replica id is random unless set. A server that imports the app once and
     then forks workers, such as gunicorn with ``--preload``, reads the settings
-    once for all of them, so each worker must add something of its own to the
+    once for all of them. Each worker must then add something of its own to the
     id, as `flask_app.create_app` adds the process id.
 
     Raises:

@@ -300,7 +300,7 @@ async def test_reconnect_replays_lost_invalidation() -> None:
 
 class LateRowStore(InMemoryStore):
     """A store whose status writes wait until released, and whose `list_active`
-    can be made to run before a write that `get` then sees."""
+    can be made to run before a write that `get` then returns."""
 
     def __init__(self) -> None:
         super().__init__()

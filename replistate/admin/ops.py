@@ -152,7 +152,7 @@ async def show_operation(
     """Print one operation, and with `follow` each change until it ends.
 
     Without `follow`, the exit code is `ExitCode.OK` whatever the state. With
-    it, the code tells how the operation ended: OK, FAILED or CANCELLED.
+    it, the code shows how the operation ended: OK, FAILED or CANCELLED.
 
     Args:
         postgres_url: the PostgreSQL URL.

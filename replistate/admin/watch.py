@@ -65,7 +65,7 @@ EVENT_BAR_WIDTH: Final = 22
 
 
 class EventKind(enum.StrEnum):
-    """What a message on the bus is, told by its subject."""
+    """The kind of a message on the bus, from its subject."""
 
     PROGRESS = "progress"
     CANCEL = "cancel"
@@ -93,7 +93,7 @@ class BusEvent:
     Attributes:
         time: when it was received, with a time zone.
         subject: the subject it arrived on.
-        kind: what the subject says it is.
+        kind: the kind its subject names.
         job_id: the job it is about: from the subject for progress and cancel
             messages, from the payload for OpCache messages; None otherwise.
         decoded: the decoded payload, or None when it could not be decoded.
@@ -207,7 +207,7 @@ def decode_event(
 def event_line(event: BusEvent, bar_width: int | None = None) -> str:
     """Return the text line `watch` prints for `event`.
 
-    The line holds the local time, the kind, the job id or ``-``, the details
+    The line contains the local time, the kind, the job id or ``-``, the details
     of the message, and its origin replica and version. With `bar_width`, a
     progress event gets a progress bar that wide. Control characters are shown
     as escapes (see `printable`).
