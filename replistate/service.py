@@ -13,20 +13,18 @@ A status without a version (from a LocalAI peer) is subject to the second rule o
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import enum
-import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 
-from replistate.bus.base import Channel, raised_by_callback
+from replistate.bus.base import Channel
+from replistate.cancel import CancelFunction, CancelOutcome, CancelRouter
 from replistate.codec import CancelMessage, InvalidationMessage, ProgressMessage
-from replistate.errors import BusError, CodecError, StoreError
+from replistate.errors import BusError, CodecError
 from replistate.invalidation import InvalidationHook, Invalidations
 from replistate.models import NodeProgress, OperationRecord, OpState, OpStatus, OpType
 from replistate.opcache import OpCache
@@ -47,17 +45,6 @@ logger = logging.getLogger(__name__)
 
 MAX_PRUNED_JOBS = 10_000
 """Jobs dropped by retention remembered, so a resync does not restore them."""
-
-CancelFunction = Callable[[], Awaitable[None] | None]
-
-
-class CancelOutcome(enum.Enum):
-    """Outcome of a cancel request."""
-
-    ACCEPTED = "accepted"
-    TOO_LATE = "too_late"
-    NOT_CANCELLABLE = "not_cancellable"
-    UNKNOWN = "unknown"
 
 
 @attrs.frozen
@@ -115,7 +102,7 @@ class OperationsService:
             else None
         )
         self._held: dict[str, _MirroredStatus] = {}
-        self._cancel_functions: dict[str, CancelFunction] = {}
+        self.cancels = CancelRouter(self)
         self.invalidations = Invalidations(
             replica_id=replica_id, subjects=subjects, channel=channel
         )
@@ -477,17 +464,17 @@ class OperationsService:
 
     def register_cancel(self, job_id: str, cancel: CancelFunction) -> None:
         """Register the function that stops the work of `job_id` on this replica."""
-        self._cancel_functions[job_id] = cancel
+        self.cancels.register(job_id, cancel)
 
     def unregister_cancel(self, job_id: str) -> None:
         """Remove the cancel function of `job_id`, if any."""
-        self._cancel_functions.pop(job_id, None)
+        self.cancels.unregister(job_id)
 
     async def cancel(self, job_id: str) -> CancelOutcome:
         """Request the cancel of `job_id`, wherever its work runs.
 
         The replica holding the cancel function runs it, and any other replica
-        publishes the request on the job's cancel subject.
+        stores the request as intent and publishes it on the job's cancel subject.
 
         Returns:
             ACCEPTED when the request was run or sent, TOO_LATE when the operation
@@ -500,88 +487,15 @@ class OperationsService:
             BusError: the request had to be sent and the bus is not connected.
             StoreError: the job is not held here and the store cannot be read.
         """
-        validate_job_id(job_id)
-        status = await self.fetch_status(job_id)
-        local = job_id in self._cancel_functions
-        if status is None and not local and self.opcache.get_by_job(job_id) is None:
-            return CancelOutcome.UNKNOWN
-        if status is not None and status.terminal:
-            return CancelOutcome.TOO_LATE
-        if status is not None and not status.cancellable:
-            return CancelOutcome.NOT_CANCELLABLE
-        if local:
-            await self._run_cancel(job_id)
-            return CancelOutcome.ACCEPTED
-        if self.channel is None:
-            return CancelOutcome.UNKNOWN
-        # The intent is stored while the message goes out, so the store's round
-        # trip does not delay the owner. An owner that misses the message finds
-        # the intent at its next check, on reconnect and every reap period, and
-        # the reaper finishes the cancel of an orphan.
-        storing = (
-            asyncio.create_task(self._store_cancel_intent(job_id))
-            if self.store is not None
-            else None
-        )
-        message = CancelMessage(
-            id=job_id, origin=self.replica_id, version=self.version_of(job_id)
-        )
-        try:
-            await self.channel.publish(self.subjects.cancel(job_id), message)
-        finally:
-            if storing is not None:
-                await storing
-        logger.info("cancel of job %r sent to its owner", job_id)
-        return CancelOutcome.ACCEPTED
-
-    async def _store_cancel_intent(self, job_id: str) -> None:
-        assert self.store is not None
-        try:
-            await self.store.request_cancel(job_id)
-        except StoreError as exc:
-            logger.warning(
-                "cancel intent of job %r not stored, sent on the bus only: %s",
-                job_id,
-                exc,
-            )
+        return await self.cancels.request(job_id)
 
     async def handle_cancel(self, subject: str, message: CancelMessage) -> None:
         """Run the cancel function of a job if it is registered on this replica."""
-        job_id = message.id
-        if self.subjects.job_id_of(subject) != job_id:
-            logger.warning(
-                "dropped cancel of job %r received on subject %r of another job",
-                job_id,
-                subject,
-            )
-            return
-        if job_id in self._cancel_functions:
-            logger.info(
-                "cancel of job %r received from replica %r", job_id, message.origin
-            )
-            await self._run_cancel(job_id)
+        await self.cancels.handle_cancel(subject, message)
 
     async def cancel_owned(self, job_id: str) -> None:
         """Run the cancel function of `job_id` if it is registered here."""
-        await self._run_cancel(job_id)
-
-    async def _run_cancel(self, job_id: str) -> None:
-        cancel = self._cancel_functions.get(job_id)
-        if cancel is None:
-            return
-        status = self.get_status(job_id)
-        if status is not None and not status.cancellable:
-            # The work decides when it may be stopped, through its status.
-            logger.info("cancel of job %r ignored: it is not cancellable now", job_id)
-            return
-        try:
-            result = cancel()
-            if inspect.isawaitable(result):
-                await result
-        except BaseException as exc:
-            if not raised_by_callback(exc):
-                raise
-            logger.exception("cancel function of job %r failed", job_id)
+        await self.cancels.run_local(job_id)
 
     # Invalidation -----------------------------------------------------------
 
