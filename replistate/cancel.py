@@ -1,10 +1,11 @@
-"""Cancel routing: a cancel asked on any replica reaches the work wherever it runs.
+"""Cancel routing: a cancel requested on any replica reaches the work wherever it runs.
 
 The replica that runs an operation registers the function that stops its work.
 A cancel requested there runs that function at once. A cancel requested on any
 other replica is stored as intent and published on the job's cancel subject. The
 owner runs it when the message arrives, or finds the stored intent at its next
 check when it missed the message.
+
 Every cancel, the owner's included, respects the `cancellable` flag the job holds
 at that moment, because the work decides when it may be stopped.
 """
