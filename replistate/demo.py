@@ -59,7 +59,6 @@ class DemoResult:
     models_reloaded: bool = False
     bus: str = "nats"
     store: str = "postgres"
-    work_dir: str = ""
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -84,7 +83,6 @@ class DemoResult:
             "late_replica_hydrated": self.late_replica_hydrated,
             "bus": self.bus,
             "store": self.store,
-            "work_dir": self.work_dir,
         }
 
 
@@ -462,6 +460,7 @@ def run_demo(
         shutil.rmtree(work_dir, ignore_errors=True)
         signal.signal(signal.SIGTERM, previous_handler)
 
+    print(f"removed the work folder {work_dir}", file=out)
     for failure in result.failures:
         print(f"check failed: {failure}", file=out)
     print(
@@ -473,7 +472,6 @@ def run_demo(
         file=out,
     )
     if json_output:
-        result.work_dir = str(work_dir)
         print(json.dumps(result.summary()), file=out)
     out.flush()
     return 0 if result.passed else 1
