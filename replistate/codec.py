@@ -209,7 +209,10 @@ def _structure_datetime(value: Any, _: Any) -> datetime:
         raise TypeError(f"expected an ISO 8601 string, got {type(value).__name__}")
     parsed = datetime.fromisoformat(value)
     if parsed.utcoffset() is None:
-        raise ValueError(f"timestamp {value!r} has no UTC offset")
+        raise ValueError(
+            f"naive timestamp {value!r} rejected: it has no UTC offset, so send "
+            "ISO 8601 with an offset such as +00:00"
+        )
     return parsed
 
 
@@ -319,6 +322,14 @@ def encode(message: object) -> bytes:
         raise EncodeError(f"cannot encode {type(message).__name__}: {exc}") from exc
 
 
+def _describe(exc: BaseException, kind: type | None) -> str:
+    """Describe one field's error with the hook's own message when it has one,
+    because cattrs alone names only the expected type."""
+    if isinstance(exc, (ValueError, TypeError)) and str(exc):
+        return f"invalid value: {exc}"
+    return cattrs.v.format_exception(exc, kind)
+
+
 def decode(
     data: bytes,
     message_type: type[M],
@@ -354,7 +365,7 @@ def decode(
         return converter.structure(raw, message_type)
     except Exception as exc:  # cattrs raises several types, grouped or plain
         details = (
-            "; ".join(cattrs.transform_error(exc))
+            "; ".join(cattrs.transform_error(exc, format_exception=_describe))
             if isinstance(exc, cattrs.BaseValidationError)
             else str(exc)
         )

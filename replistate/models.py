@@ -88,12 +88,21 @@ def error_text(error: BaseException | str | None) -> str | None:
 
     An exception becomes ``str(exc)``, or its class name when the message is empty,
     so a failure never looks like a success. An empty string means no error. Text
-    over `MAX_TEXT_LENGTH` characters is cut, on every replica alike.
+    over `MAX_TEXT_LENGTH` characters is cut, and NUL becomes U+FFFD, on every
+    replica alike, so such text does not come back identical.
+
+    Raises:
+        TypeError: `error` is neither an exception, a string nor None.
     """
     if error is None:
         return None
     if isinstance(error, BaseException):
         return _cut(str(error) or type(error).__name__)
+    if not isinstance(error, str):
+        raise TypeError(
+            f"invalid error {error!r}: pass an exception or a string, "
+            f"not {type(error).__name__}"
+        )
     return _cut(error) if error else None
 
 

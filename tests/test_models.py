@@ -9,6 +9,7 @@ import pytest
 
 from replistate.errors import OperationFailed
 from replistate.models import (
+    MAX_TEXT_LENGTH,
     NodeProgress,
     NodeState,
     OperationRecord,
@@ -186,6 +187,32 @@ def test_empty_string_means_no_error() -> None:
 
 def test_error_string_kept() -> None:
     assert OpStatus(error="disk full").error == "disk full"
+
+
+def test_error_of_other_type_rejected() -> None:
+    for error in (42, {"code": 1}, b"disk full"):
+        with pytest.raises(TypeError, match="pass an exception or a string"):
+            OpStatus(error=error)  # type: ignore[arg-type]
+
+
+def test_error_at_length_limit_kept_whole() -> None:
+    text = "x" * MAX_TEXT_LENGTH
+
+    assert error_text(RuntimeError(text)) == text
+
+
+def test_long_error_cut_with_note() -> None:
+    """Text over the limit is cut alike everywhere, and says how long it was."""
+    cut = error_text(RuntimeError("x" * (MAX_TEXT_LENGTH + 10)))
+
+    assert cut is not None
+    assert len(cut) == MAX_TEXT_LENGTH
+    assert cut.endswith(f" [cut from {MAX_TEXT_LENGTH + 10} characters]")
+
+
+def test_error_nul_becomes_replacement_character() -> None:
+    """PostgreSQL text cannot hold NUL, so every replica stores the same text."""
+    assert error_text(ValueError("a\x00b")) == "a\ufffdb"
 
 
 @pytest.mark.parametrize(
