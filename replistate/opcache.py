@@ -108,7 +108,11 @@ class OpCache:
 
         Returns whether this replica held an entry for the job. The end event is
         published either way, so peers that still hold one drop it.
+
+        Raises:
+            InvalidIdError: `job_id` cannot name a job.
         """
+        validate_job_id(job_id)
         entry = self._remove(job_id)
         message = OpCacheEndMessage(
             job_id=job_id,

@@ -77,7 +77,7 @@ class OperationRunner:
                 "starting operations"
             )
         chosen = job_id is not None
-        job_id = validate_job_id(job_id or str(uuid.uuid4()))
+        job_id = validate_job_id(str(uuid.uuid4()) if job_id is None else job_id)
         if not cache_key:
             raise ValueError(f"missing cache key for job {job_id!r}")
         if "\x00" in cache_key:

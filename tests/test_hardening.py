@@ -294,6 +294,18 @@ async def test_overlong_job_id_never_published(cluster: Cluster) -> None:
     assert len(a.opcache) == 0
 
 
+async def test_empty_chosen_job_id_rejected(cluster: Cluster) -> None:
+    """An empty job id passed in is an error, not a request for a random one."""
+    a = await cluster.add("a")
+
+    with pytest.raises(InvalidIdError) as raised:
+        await a.operations.start_operation("gallery@m", block, job_id="")
+
+    assert raised.value.value == ""
+    assert a.operations.owned_jobs == []
+    assert len(a.opcache) == 0
+
+
 async def test_cancelled_hook_keeps_subscription(
     bus_factory: BusFactory, prefix: str
 ) -> None:

@@ -16,8 +16,9 @@ from replistate import (
     OpStatus,
     Replica,
     ReplicaConfig,
+    codec,
 )
-from replistate.codec import OpCacheStartMessage
+from replistate.codec import OpCacheEndMessage, OpCacheStartMessage
 from replistate.store.base import ACTIVE_WINDOW
 
 from .conftest import Cluster
@@ -126,6 +127,31 @@ async def test_set_rejects_subject_breaking_id(cluster: Cluster, job_id: str) ->
 
     assert raised.value.value == job_id
     assert len(a.opcache) == 0
+
+
+@pytest.mark.parametrize("job_id", ["a.b", "*", ">", "with space", ""])
+async def test_delete_rejects_subject_breaking_id(
+    cluster: Cluster, job_id: str
+) -> None:
+    """No end event goes out for an id that cannot name a job."""
+    a = await cluster.add("a")
+    ends: list[bytes] = []
+
+    async def record(subject: str, data: bytes) -> None:
+        ends.append(data)
+
+    listener = cluster.broker.connect()
+    await listener.connect()
+    await listener.subscribe(a.subjects.opcache_end, record)
+
+    with pytest.raises(InvalidIdError) as raised:
+        await a.opcache.delete_job(job_id)
+    await a.opcache.delete_job("job-ok")
+    await cluster.settle()
+    await listener.close()
+
+    assert raised.value.value == job_id
+    assert [codec.decode(data, OpCacheEndMessage).job_id for data in ends] == ["job-ok"]
 
 
 async def test_start_after_end_is_ignored(cluster: Cluster) -> None:
