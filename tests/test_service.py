@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import attrs
 import pytest
 
 from replistate import (
     CancelOutcome,
+    InMemoryBroker,
     InMemoryBus,
+    InMemoryStore,
     NodeProgress,
     NodeState,
     OperationHandle,
@@ -18,6 +21,7 @@ from replistate import (
     OpStatus,
     OpType,
     Replica,
+    ReplicaConfig,
 )
 from replistate.codec import InvalidationMessage, ProgressMessage, encode
 
@@ -672,3 +676,68 @@ async def test_change_listener_sees_removals(cluster: Cluster) -> None:
         ("job-1", None),
         ("job-2", None),
     ]
+
+
+class GatedBus(InMemoryBus):
+    """An in-memory bus whose publishes on subjects containing `held` wait."""
+
+    held = ".job-slow."
+    gate: asyncio.Event
+    published: list[str]
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        self.published.append(subject)
+        if self.held in subject:
+            await self.gate.wait()
+        await super().publish(subject, data)
+
+
+class GatedStore(InMemoryStore):
+    """An in-memory store whose status writes of `held` wait."""
+
+    held = "job-slow"
+    gate: asyncio.Event
+    written: list[str]
+
+    async def save_status(self, job_id: str, status: OpStatus, **fields: Any) -> bool:
+        self.written.append(job_id)
+        if job_id == self.held:
+            await self.gate.wait()
+        return await super().save_status(job_id, status, **fields)
+
+
+async def test_no_lock_held_during_io() -> None:
+    """A publish or store write that hangs for one job delays no read and no
+    other job's update."""
+    bus = GatedBus(InMemoryBroker())
+    bus.gate, bus.published = asyncio.Event(), []
+    store = GatedStore()
+    store.gate, store.written = asyncio.Event(), []
+    a = Replica(ReplicaConfig(replica_id="a"), bus=bus, store=store)
+    await a.start()
+    slow_status = OpStatus(progress=10.0, message="slow")
+
+    slow = asyncio.create_task(a.operations.update_status("job-slow", slow_status))
+    await asyncio.sleep(0.05)
+    held_while_publishing = a.operations.get_status("job-slow")
+    async with asyncio.timeout(5):
+        await a.operations.update_status("job-fast", OpStatus(progress=20.0))
+        await a.operations.writer.flush()
+    publishing = not slow.done()
+    bus.gate.set()
+    async with asyncio.timeout(5):
+        applied = await slow
+    await asyncio.sleep(0.05)
+    store_pending = "job-slow" not in store.rows
+    store.gate.set()
+    await a.operations.writer.flush()
+    await a.stop()
+
+    assert held_while_publishing is not None
+    assert held_while_publishing.progress == 10.0
+    assert publishing is True
+    assert applied is True
+    assert store.rows["job-fast"].progress == 20.0
+    assert store_pending is True
+    assert store.rows["job-slow"].progress == 10.0
+    assert store.written.index("job-fast") < store.written.index("job-slow")
