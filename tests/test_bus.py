@@ -394,13 +394,25 @@ async def test_channel_rejects_oversized_publish(
 
 
 @pytest.mark.timeout(60)
-async def test_nats_bus_survives_server_restart() -> None:
-    """The client reconnects on its own and its subscriptions deliver again."""
+@pytest.mark.parametrize(
+    ("reconnect_wait", "outage"),
+    [
+        pytest.param(0.1, 0.0, id="restart"),
+        # nats-py gives up after 60 attempts by default. Refused connections
+        # fail at once, so 3 s at 0.02 s apart makes well over 60 attempts.
+        pytest.param(0.02, 3.0, id="past-60-attempts"),
+    ],
+)
+async def test_nats_bus_survives_server_restart(
+    reconnect_wait: float, outage: float
+) -> None:
+    """The client reconnects on its own, however many attempts it takes, and
+    its subscriptions deliver again."""
     from replistate import NatsBus
     from replistate._servers import ThrowawayNats
 
     with ThrowawayNats() as server:
-        bus = NatsBus(server.url, reconnect_wait=0.1, echo=True)
+        bus = NatsBus(server.url, reconnect_wait=reconnect_wait, echo=True)
         await bus.connect()
         states: list[BusState] = []
         changed = asyncio.Event()
@@ -420,6 +432,7 @@ async def test_nats_bus_survives_server_restart() -> None:
                 changed.clear()
                 await changed.wait()
         assert bus.connected is False
+        await asyncio.sleep(outage)
         await asyncio.to_thread(server.start)
         async with asyncio.timeout(20):
             while states[-1] is not BusState.CONNECTED:
