@@ -165,6 +165,7 @@ class Replica:
             write_interval=self.config.write_interval,
             write_retry_max=self.config.write_retry_max,
             history_size=self.config.history_size,
+            retention=self.config.retention,
         )
         self.housekeeper = Housekeeper(
             replica_id=self.config.replica_id,
@@ -342,8 +343,13 @@ class Replica:
             self.config.active_window, include_failed=True
         )
         for record in records:
-            self.operations.restore(record.id, record.to_status(), record.version)
-            if record.cache_key:
+            self.operations.restore(
+                record.id,
+                record.to_status(),
+                record.version,
+                updated_at=record.updated_at,
+            )
+            if record.cache_key and self.operations.get_status(record.id) is not None:
                 self.opcache.restore(
                     OpCacheEntry(record.cache_key, record.id, record.is_backend_op)
                 )

@@ -165,10 +165,14 @@ class Resyncer:
                 await self.operations.repair(row.id)
                 changed += 1
             elif self.operations.restore(
-                row.id, row.to_status(), row.version, final=row.status.terminal
+                row.id,
+                row.to_status(),
+                row.version,
+                final=row.status.terminal,
+                updated_at=row.updated_at,
             ):
                 changed += 1
-            if row.cache_key:
+            if row.cache_key and self.operations.get_status(row.id) is not None:
                 self.opcache.restore(
                     OpCacheEntry(row.cache_key, row.id, row.is_backend_op)
                 )
@@ -210,7 +214,11 @@ class Resyncer:
                 logger.info("job %r is no longer active: dropped by resync", job_id)
                 continue
             if self.operations.restore(
-                job_id, stored.to_status(), stored.version, final=True
+                job_id,
+                stored.to_status(),
+                stored.version,
+                final=True,
+                updated_at=stored.updated_at,
             ):
                 changed += 1
                 await self._ended(stored)

@@ -17,6 +17,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -72,6 +73,10 @@ class OperationsService:
         write_retry_max: maximum wait between two retries of a failed store
             write, in seconds.
         history_size: how many recent terminal results `history` keeps.
+        retention: seconds a terminal job stays in memory, counted from its
+            end. A job read from the store that ended longer ago is not put
+            into memory, because every replica that saw it end has dropped it.
+            None keeps every job read.
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class OperationsService:
         write_interval: float = 0.5,
         write_retry_max: float = 5.0,
         history_size: int = 1000,
+        retention: float | None = None,
     ) -> None:
         self.replica_id = replica_id
         self.subjects = subjects
@@ -110,6 +116,7 @@ class OperationsService:
         self.op_types: dict[str, OpType] = {}
         """Operation types of the jobs this replica admitted, sent with writes."""
         self.history_size = history_size
+        self.retention = retention
         self._history: collections.OrderedDict[str, OpStatus] = (
             collections.OrderedDict()
         )
@@ -359,16 +366,44 @@ class OperationsService:
             self.on_gap(job_id)
 
     def restore(
-        self, job_id: str, status: OpStatus, version: int, *, final: bool = False
+        self,
+        job_id: str,
+        status: OpStatus,
+        version: int,
+        *,
+        final: bool = False,
+        updated_at: datetime | None = None,
     ) -> bool:
         """Put a status read from the store into memory under the usual rules.
 
         With `final`, a terminal status from the store replaces a held status that
         is not terminal whatever their versions, because the store decides which
-        terminal state an operation ends in.
+        terminal state an operation ends in. `updated_at`, the time the row was
+        last written, dates a terminal status: the retention of the job counts
+        from then, as it does on the replicas that saw the end live, and a job
+        not held here that ended more than `retention` ago is not restored.
         """
         if job_id in self._pruned:
             return False
+        held = self._held.get(job_id)
+        age = 0.0
+        if status.terminal and updated_at is not None:
+            age = max(0.0, (datetime.now(UTC) - updated_at).total_seconds())
+            if held is None and self.retention is not None and age >= self.retention:
+                return False
+        if not self._restore(job_id, status, version, final=final):
+            return False
+        if age and job_id in self._terminal_since:
+            # NOTE: the age compares this host's clock with the store's, so
+            # clock skew between them moves the end of retention by as much.
+            self._terminal_since[job_id] = min(
+                self._terminal_since[job_id], time.monotonic() - age
+            )
+        return True
+
+    def _restore(
+        self, job_id: str, status: OpStatus, version: int, *, final: bool
+    ) -> bool:
         held = self._held.get(job_id)
         if (
             final

@@ -153,6 +153,31 @@ async def test_finished_jobs_leave_memory(cluster: Cluster) -> None:
     assert fetched.state is OpState.COMPLETED
 
 
+async def test_late_replica_drops_failure_with_peers(cluster: Cluster) -> None:
+    """A replica started after a failure lists it only until its peers drop it,
+    because retention counts from the failure, not from hydration."""
+    a = await add(cluster, "a", retention=1.0)
+
+    async def broken(handle: OperationHandle) -> None:
+        raise RuntimeError("disk full")
+
+    job_id = await a.operations.start_operation("gallery@m", broken)
+    await eventually(lambda: (a.operations.get_status(job_id) or OpStatus()).terminal)
+    await a.operations.writer.flush()
+    await asyncio.sleep(0.6)
+    c = await add(cluster, "c", retention=1.0)
+    listed_by_late_replica = c.opcache.get_by_job(job_id) is not None
+    await eventually(lambda: a.opcache.get_by_job(job_id) is None, 5)
+    await asyncio.sleep(0.3)
+    d = await add(cluster, "d", retention=1.0)
+
+    assert listed_by_late_replica is True
+    assert c.opcache.get_by_job(job_id) is None
+    assert c.operations.get_status(job_id) is None
+    assert d.opcache.get_by_job(job_id) is None
+    assert d.operations.get_status(job_id) is None
+
+
 async def test_history_is_bounded(cluster: Cluster) -> None:
     a = await add(cluster, "a", history_size=3)
 
