@@ -35,6 +35,7 @@ from types import FrameType
 from typing import Any
 
 import aiohttp
+from model_server import seconds
 from rrproxy import RoundRobinProxy, Upstream
 
 from replistate.demo import ReplicaProcess, drop_table, show_logs
@@ -87,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--install-seconds",
-        type=float,
+        type=seconds,
         help="duration of a simulated install, in seconds (default: the app's)",
     )
     parser.add_argument(

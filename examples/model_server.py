@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -67,9 +68,36 @@ class Settings:
     port: int = 0
     table: str = "gallery_operations"
     subject_prefix: str = DEFAULT_PREFIX
-    lease_seconds: float = 15.0
-    reap_seconds: float = 5.0
-    install_seconds: float = 8.0
+    lease_seconds: float = attrs.field(default=15.0, converter=float)
+    reap_seconds: float = attrs.field(default=5.0, converter=float)
+    install_seconds: float = attrs.field(default=8.0, converter=float)
+
+    @lease_seconds.validator
+    @reap_seconds.validator
+    @install_seconds.validator
+    def _check_seconds(self, attribute: attrs.Attribute[float], value: float) -> None:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"invalid {attribute.name} {value!r}: expected a finite number of "
+                "seconds above 0"
+            )
+
+
+def seconds(text: str) -> float:
+    """Parse a duration in seconds: a finite number above 0.
+
+    Raises:
+        argparse.ArgumentTypeError: the text is not such a number.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: expected a finite number of seconds above 0"
+        )
+    return value
 
 
 def cache_prefix(subject_prefix: str) -> str:
@@ -119,21 +147,21 @@ def parse_settings(argv: list[str] | None, description: str) -> Settings:
     )
     parser.add_argument(
         "--lease-seconds",
-        type=float,
+        type=seconds,
         default=defaults.lease_seconds.default,
         help="lease on an owned install, in seconds; a peer fails the install "
         "when its owner stops renewing it (default: %(default)s)",
     )
     parser.add_argument(
         "--reap-seconds",
-        type=float,
+        type=seconds,
         default=defaults.reap_seconds.default,
         help="seconds between two searches for installs whose owner was lost "
         "(default: %(default)s)",
     )
     parser.add_argument(
         "--install-seconds",
-        type=float,
+        type=seconds,
         default=defaults.install_seconds.default,
         help="duration of a simulated install, in seconds (default: %(default)s)",
     )
@@ -174,13 +202,17 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> Settings:
         if name is None or name not in environ:
             continue
         text = environ[name]
-        values[field.name] = (
-            float(text)
-            if field.type == "float"
-            else Path(text)
-            if field.type == "Path"
-            else text
-        )
+        # The annotations are strings here, because of the __future__ import.
+        kind = str(field.type)
+        if kind == "float":
+            try:
+                values[field.name] = seconds(text)
+            except argparse.ArgumentTypeError as exc:
+                raise SystemExit(f"{name}: {exc}") from None
+        elif kind == "Path":
+            values[field.name] = Path(text)
+        else:
+            values[field.name] = text
     missing = [
         ENV_NAMES[name]
         for name in ("nats_url", "postgres_url", "models_dir")

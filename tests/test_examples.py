@@ -164,6 +164,55 @@ GIVEN_NATS_URL = "nats://127.0.0.1:4222"
 GIVEN_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
+@pytest.mark.parametrize("text", ["inf", "nan", "-1", "0", "soon"])
+@pytest.mark.parametrize(
+    "name", ["--install-seconds", "--lease-seconds", "--reap-seconds"]
+)
+def test_example_rejects_invalid_seconds(
+    model_server: ModuleType,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    text: str,
+) -> None:
+    arguments = ["--nats-url", "n", "--postgres-url", "p", "--models-dir", "m"]
+
+    with pytest.raises(SystemExit) as raised:
+        model_server.parse_settings([*arguments, name, text], "test")
+
+    assert raised.value.code == 2
+    assert f"argument {name}: invalid duration {text!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["inf", "nan", "0"])
+def test_example_env_rejects_invalid_seconds(
+    model_server: ModuleType, text: str
+) -> None:
+    environ = {
+        "REPLISTATE_NATS_URL": "n",
+        "REPLISTATE_POSTGRES_URL": "p",
+        "EXAMPLE_MODELS_DIR": "m",
+        "EXAMPLE_INSTALL_SECONDS": text,
+    }
+
+    with pytest.raises(SystemExit) as raised:
+        model_server.settings_from_env(environ)
+
+    assert str(raised.value) == (
+        f"EXAMPLE_INSTALL_SECONDS: invalid duration {text!r}: expected a finite "
+        "number of seconds above 0"
+    )
+
+
+def test_settings_reject_infinite_seconds(model_server: ModuleType) -> None:
+    with pytest.raises(ValueError, match="invalid install_seconds inf"):
+        model_server.Settings(
+            nats_url="n",
+            postgres_url="p",
+            models_dir=Path("m"),
+            install_seconds=float("inf"),
+        )
+
+
 def option(arguments: list[str], name: str) -> str | None:
     """Return the value after `name` in `arguments`, or None without it."""
     if name not in arguments:
