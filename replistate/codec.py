@@ -108,12 +108,14 @@ class InvalidationMessage:
     """Payload of `cache.invalidate.<kind>`: peers must reload a cache.
 
     Without `element` the whole set changed. An `op` of `delete` means peers must
-    drop the element. `version` is that of the operation that caused it, if any.
+    drop the element. `job_id` and `version` are those of the operation that
+    caused it, if any.
     """
 
     element: str | None = None
     op: OpType | None = None
     origin: str | None = None
+    job_id: str | None = None
     version: int | None = None
     schema: int = SCHEMA_VERSION
 

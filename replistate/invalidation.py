@@ -49,7 +49,7 @@ class Invalidations:
         self._model_hooks: list[InvalidationHook] = []
         self._backend_hooks: list[InvalidationHook] = []
         self._seen: collections.OrderedDict[
-            tuple[str, str | None, str | None, OpType | None, int], None
+            tuple[str, str | None, str | None, str | None, OpType | None, int], None
         ] = collections.OrderedDict()
 
     def on_models_invalidated(self, hook: InvalidationHook) -> Callable[[], None]:
@@ -68,6 +68,7 @@ class Invalidations:
         element: str | None = None,
         op: OpType | None = None,
         *,
+        job_id: str | None = None,
         version: int | None = None,
     ) -> None:
         """Tell every replica, this one included, to reload its models.
@@ -75,28 +76,34 @@ class Invalidations:
         Args:
             element: the model that changed, or None when the whole set changed.
             op: what happened to it.
-            version: the status version of the operation that caused it.
+            job_id: the operation that caused it.
+            version: the status version of that operation.
         """
-        await self._invalidate(self.subjects.invalidate_models, element, op, version)
+        await self._invalidate(
+            self.subjects.invalidate_models, element, op, job_id, version
+        )
 
     async def invalidate_backends(
         self,
         element: str | None = None,
         op: OpType | None = None,
         *,
+        job_id: str | None = None,
         version: int | None = None,
     ) -> None:
         """Tell every replica, this one included, to reload its backends."""
-        await self._invalidate(self.subjects.invalidate_backends, element, op, version)
+        await self._invalidate(
+            self.subjects.invalidate_backends, element, op, job_id, version
+        )
 
     async def handle_invalidation(
         self, subject: str, message: InvalidationMessage
     ) -> None:
         """Run the hooks of the invalidation received on `subject`.
 
-        An invalidation caused by an operation carries its version. The same one
-        seen twice, live and again from a resync, or replayed by the bus after a
-        reconnect, runs the hooks once.
+        An invalidation caused by an operation carries its job id and version. The
+        same one seen twice, live and again from a resync, or replayed by the bus
+        after a reconnect, runs the hooks once.
         """
         if subject == self.subjects.invalidate_models:
             hooks = self._model_hooks
@@ -108,6 +115,7 @@ class Invalidations:
             key = (
                 subject,
                 message.origin,
+                message.job_id,
                 message.element,
                 message.op,
                 message.version,
@@ -126,10 +134,11 @@ class Invalidations:
                 if not raised_by_callback(exc):
                     raise
                 logger.exception(
-                    "invalidation hook %r failed on %r for element %r",
+                    "invalidation hook %r failed on %r for element %r of job %r",
                     getattr(hook, "__qualname__", hook),
                     subject,
                     message.element,
+                    message.job_id,
                 )
 
     async def _invalidate(
@@ -137,10 +146,15 @@ class Invalidations:
         subject: str,
         element: str | None,
         op: OpType | None,
+        job_id: str | None,
         version: int | None,
     ) -> None:
         message = InvalidationMessage(
-            element=element, op=op, origin=self.replica_id, version=version
+            element=element,
+            op=op,
+            origin=self.replica_id,
+            job_id=job_id,
+            version=version,
         )
         if self.channel is None:
             # Standalone: there is no echo, so run the hooks here.

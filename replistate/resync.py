@@ -313,6 +313,7 @@ class Resyncer:
             element=row.gallery_element_name or None,
             op=row.op_type,
             origin=row.frontend_id or None,
+            job_id=row.id,
             version=row.version,
         )
         await self.operations.handle_invalidation(subject, message)

@@ -337,7 +337,10 @@ class OperationRunner:
             )
             version = service.version_of(job_id)
             await invalidate(
-                handle.element_name or None, handle.op_type, version=version
+                handle.element_name or None,
+                handle.op_type,
+                job_id=job_id,
+                version=version,
             )
             await service.opcache.delete_job(job_id, version=version)
             logger.info("job %r completed", job_id)

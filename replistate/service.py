@@ -548,20 +548,26 @@ class OperationsService:
         element: str | None = None,
         op: OpType | None = None,
         *,
+        job_id: str | None = None,
         version: int | None = None,
     ) -> None:
         """Tell every replica to reload its models; see `Invalidations`."""
-        await self.invalidations.invalidate_models(element, op, version=version)
+        await self.invalidations.invalidate_models(
+            element, op, job_id=job_id, version=version
+        )
 
     async def invalidate_backends(
         self,
         element: str | None = None,
         op: OpType | None = None,
         *,
+        job_id: str | None = None,
         version: int | None = None,
     ) -> None:
         """Tell every replica to reload its backends; see `Invalidations`."""
-        await self.invalidations.invalidate_backends(element, op, version=version)
+        await self.invalidations.invalidate_backends(
+            element, op, job_id=job_id, version=version
+        )
 
     async def handle_invalidation(
         self, subject: str, message: InvalidationMessage

@@ -25,7 +25,7 @@ from replistate import (
 )
 from replistate.codec import InvalidationMessage, ProgressMessage, encode
 
-from .conftest import Cluster
+from .conftest import Cluster, eventually
 
 NODE_A = NodeProgress(node_id="node-a", status=NodeState.DOWNLOADING, percentage=10)
 NODE_B = NodeProgress(node_id="node-b", status=NodeState.QUEUED)
@@ -288,13 +288,13 @@ async def test_failing_hook_does_not_stop_others(
     a.on_models_invalidated(broken)
     a.on_models_invalidated(lambda message: seen.append(message.element))
 
-    await a.operations.invalidate_models("model-a")
+    await a.operations.invalidate_models("model-a", job_id="job-a", version=3)
     await a.operations.invalidate_models("model-b")
     await cluster.settle()
 
     assert seen == ["model-a", "model-b"]
     assert "reload failed" in caplog.text
-    assert "'model-a'" in caplog.text
+    assert "for element 'model-a' of job 'job-a'" in caplog.text
 
 
 async def test_success_invalidates_models_everywhere(cluster: Cluster) -> None:
@@ -523,7 +523,14 @@ async def test_wire_payloads_carry_origin_and_version(cluster: Cluster) -> None:
     }
     invalidations = [p for s, p in wire if s == "cache.invalidate.models"]
     assert invalidations == [
-        {"element": "m", "op": "install", "origin": "a", "version": 3, "schema": 1}
+        {
+            "element": "m",
+            "op": "install",
+            "origin": "a",
+            "job_id": done_job,
+            "version": 3,
+            "schema": 1,
+        }
     ]
     ends = [p for s, p in by_subject if s == "opcache.end"]
     assert ends[0]["version"] == 3
@@ -547,6 +554,35 @@ async def test_versioned_invalidation_runs_once(cluster: Cluster) -> None:
         await a.operations.handle_invalidation(a.subjects.invalidate_models, message)
 
     assert seen == ["m", "m", "m"]
+
+
+async def test_second_install_of_element_reloads_again(cluster: Cluster) -> None:
+    """Two installs of one model with as many progress reports end with the same
+    version; the second still reloads the models on every replica."""
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    reloads: dict[str, list[str | None]] = {"a": [], "b": []}
+    for replica in (a, b):
+        seen = reloads[replica.replica_id]
+        replica.on_models_invalidated(
+            lambda message, seen=seen: seen.append(message.job_id)
+        )
+
+    async def install(handle: OperationHandle) -> None:
+        await handle.update(progress=50.0)
+
+    first = await a.operations.start_operation(
+        "gallery@m", install, element_name="m", job_id="install-1"
+    )
+    await eventually(lambda: reloads["b"] == [first])
+    second = await a.operations.start_operation(
+        "gallery@m", install, element_name="m", job_id="install-2"
+    )
+    await eventually(lambda: len(reloads["b"]) == 2)
+    await cluster.settle()
+
+    assert a.operations.version_of(first) == a.operations.version_of(second)
+    assert reloads == {"a": [first, second], "b": [first, second]}
 
 
 async def test_versionless_status_keeps_ordering(cluster: Cluster) -> None:
