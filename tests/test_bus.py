@@ -378,6 +378,9 @@ async def test_channel_drops_malformed_and_continues(
     assert channel.dropped["too_large"] == 1
     assert f"{prefix}.j1.cancel" in caplog.text
     assert f"{prefix}.j3.cancel" in caplog.text
+    assert "(invalid, 1 so far): payload is not JSON" in caplog.text
+    assert "(invalid, 2 so far): invalid CancelMessage" in caplog.text
+    assert "(too_large, 1 so far)" in caplog.text
 
 
 async def test_channel_rejects_oversized_publish(

@@ -777,3 +777,84 @@ async def test_no_lock_held_during_io() -> None:
     assert store_pending is True
     assert store.rows["job-slow"].progress == 10.0
     assert store.written.index("job-fast") < store.written.index("job-slow")
+
+
+async def test_equal_version_is_ignored(cluster: Cluster) -> None:
+    """A status with the version already held is a duplicate, whatever it says."""
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    await a.operations.update_status("job-1", OpStatus(progress=60))
+    await a.operations.update_status("job-1", OpStatus(progress=70))
+    await cluster.settle()
+    bus = a.bus
+    assert isinstance(bus, InMemoryBus)
+
+    same = ProgressMessage(
+        job_id="job-1", status=OpStatus(progress=10), origin="x", version=2
+    )
+    await bus.publish(a.subjects.progress("job-1"), encode(same))
+    await cluster.settle()
+
+    held = b.operations.get_status("job-1")
+    assert held is not None
+    assert held.progress == 70
+    assert b.operations.version_of("job-1") == 2
+
+
+async def test_newer_tick_never_reopens_terminal(cluster: Cluster) -> None:
+    """A progress tick with a higher version than the held end still loses."""
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    await a.operations.update_status("job-1", OpStatus(processed=True))
+    await cluster.settle()
+    version = b.operations.version_of("job-1")
+    assert version is not None
+    bus = a.bus
+    assert isinstance(bus, InMemoryBus)
+
+    late = ProgressMessage(
+        job_id="job-1", status=OpStatus(progress=40), origin="x", version=version + 1
+    )
+    await bus.publish(a.subjects.progress("job-1"), encode(late))
+    await cluster.settle()
+
+    held = b.operations.get_status("job-1")
+    assert held is not None
+    assert held.state is OpState.COMPLETED
+    assert b.operations.version_of("job-1") == version
+
+
+async def test_read_through_keeps_newer_bus_status(cluster: Cluster) -> None:
+    """A row read on a miss does not replace a newer status that arrived on the
+    bus while the store was being read."""
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    store = cluster.store
+    await store.save_status("job-1", OpStatus(progress=10), version=1)
+    release = asyncio.Event()
+    reading = asyncio.Event()
+    original_get = store.get
+
+    async def slow_get(job_id: str) -> Any:
+        row = await original_get(job_id)
+        reading.set()
+        await release.wait()
+        return row
+
+    store.get = slow_get  # type: ignore[method-assign]
+    fetch = asyncio.create_task(b.operations.fetch_status("job-1"))
+    await reading.wait()
+    bus = a.bus
+    assert isinstance(bus, InMemoryBus)
+    newer = ProgressMessage(
+        job_id="job-1", status=OpStatus(progress=30), origin="x", version=3
+    )
+    await bus.publish(a.subjects.progress("job-1"), encode(newer))
+    await cluster.settle()
+    release.set()
+    async with asyncio.timeout(5):
+        fetched = await fetch
+
+    assert fetched is not None
+    assert fetched.progress == 30
+    assert b.operations.version_of("job-1") == 3
