@@ -66,9 +66,12 @@ async def test_silent_owner_keeps_its_lease(cluster: Cluster) -> None:
 
 
 async def test_lost_owner_is_reaped(cluster: Cluster) -> None:
-    a = await add(cluster, "a")
-    b = await add(cluster, "b")
-    c = await add(cluster, "c")
+    """Resyncs are off, so the survivors learn of the failure only from the
+    message of the replica that reaped the job."""
+    quiet = {"resync_interval": None, "start_resync_delay": None}
+    a = await add(cluster, "a", **quiet)
+    b = await add(cluster, "b", **quiet)
+    c = await add(cluster, "c", **quiet)
     job_id = await a.operations.start_operation("gallery@m", block)
     await eventually(lambda: cluster.store.rows.get(job_id) is not None)
     await eventually(lambda: cluster.store.rows[job_id].lease_expires_at is not None)
@@ -93,6 +96,96 @@ async def test_lost_owner_is_reaped(cluster: Cluster) -> None:
     assert b.housekeeper.reaped + c.housekeeper.reaped == 1
 
 
+async def test_owner_lost_right_after_admission(cluster: Cluster) -> None:
+    """The first lease is written at admission, so an owner lost before its
+    first renewal is reaped too."""
+    a = await add(cluster, "a")
+    b = await add(cluster, "b")
+    job_id = await a.operations.start_operation("gallery@m", block)
+
+    await kill(a)
+    await eventually(
+        lambda: (b.operations.get_status(job_id) or OpStatus()).terminal, 5
+    )
+
+    held = b.operations.get_status(job_id)
+    assert held is not None
+    assert held.state is OpState.FAILED
+    assert cluster.store.rows[job_id].status is OpState.FAILED
+
+
+async def test_stored_cancel_found_before_work_starts(cluster: Cluster) -> None:
+    """A cancel stored while the job is queued stops it before its work runs."""
+    a = await add(cluster, "a")
+    store = cluster.store
+    original_renew = store.renew_leases
+
+    async def renew_after_cancel(
+        frontend_id: str, job_ids: list[str], lease: timedelta
+    ) -> list[str]:
+        # A peer's cancel whose message this replica missed, stored meanwhile.
+        for job_id in job_ids:
+            await store.request_cancel(job_id)
+        return await original_renew(frontend_id, job_ids, lease)
+
+    store.renew_leases = renew_after_cancel  # type: ignore[method-assign]
+    ran: list[str] = []
+
+    async def work(handle: OperationHandle) -> None:
+        ran.append(handle.job_id)
+
+    job_id = await a.operations.start_operation("gallery@m", work)
+    await eventually(
+        lambda: (a.operations.get_status(job_id) or OpStatus()).terminal, 5
+    )
+
+    assert ran == []
+    held = a.operations.get_status(job_id)
+    assert held is not None
+    assert held.state is OpState.CANCELLED
+
+
+async def test_cancel_while_queued_skips_work(cluster: Cluster) -> None:
+    """A cancel on the owner while the job is still queued means its work never
+    starts."""
+    a = await add(cluster, "a")
+    store = cluster.store
+    original_renew = store.renew_leases
+    admitting = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_renew(
+        frontend_id: str, job_ids: list[str], lease: timedelta
+    ) -> list[str]:
+        admitting.set()
+        await release.wait()
+        return await original_renew(frontend_id, job_ids, lease)
+
+    store.renew_leases = slow_renew  # type: ignore[method-assign]
+    ran: list[str] = []
+
+    async def work(handle: OperationHandle) -> None:
+        ran.append(handle.job_id)
+
+    starting = asyncio.create_task(
+        a.operations.start_operation("gallery@m", work, job_id="queued-1")
+    )
+    await admitting.wait()
+    outcome = await a.operations.cancel("queued-1")
+    release.set()
+    async with asyncio.timeout(5):
+        await starting
+    await eventually(
+        lambda: (a.operations.get_status("queued-1") or OpStatus()).terminal, 5
+    )
+
+    assert outcome is CancelOutcome.ACCEPTED
+    assert ran == []
+    held = a.operations.get_status("queued-1")
+    assert held is not None
+    assert held.state is OpState.CANCELLED
+
+
 async def test_orphan_with_cancel_request_ends_cancelled(cluster: Cluster) -> None:
     a = await add(cluster, "a")
     b = await add(cluster, "b")
@@ -115,9 +208,12 @@ async def test_orphan_with_cancel_request_ends_cancelled(cluster: Cluster) -> No
 
 
 async def test_cancel_found_after_reconnect(cluster: Cluster) -> None:
-    """A cancel sent while the owner was disconnected runs when it is back."""
-    a = await add(cluster, "a")
-    b = await add(cluster, "b")
+    """A cancel sent while the owner was disconnected runs when it is back.
+
+    The reap period is an hour, so only the check on reconnect can find it.
+    """
+    a = await add(cluster, "a", reap_interval=3600)
+    b = await add(cluster, "b", reap_interval=3600)
     job_id = await a.operations.start_operation("gallery@m", block)
     await eventually(lambda: b.opcache.get("gallery@m") == job_id)
     assert isinstance(a.bus, InMemoryBus)

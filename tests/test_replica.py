@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -76,6 +78,35 @@ async def test_ready_follows_hydrate_and_bus(cluster: Cluster) -> None:
 
     await replica.stop()
     assert replica.ready is False
+
+
+async def test_not_ready_while_hydrating(cluster: Cluster) -> None:
+    """A connected bus alone does not make a replica ready: it must have read
+    the store first."""
+    replica = await cluster.add("a", start=False)
+    store = cluster.store
+    original_list = store.list_active
+    reading = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_list(*args: Any, **kwargs: Any) -> list[OperationRecord]:
+        reading.set()
+        await release.wait()
+        return await original_list(*args, **kwargs)
+
+    store.list_active = slow_list  # type: ignore[method-assign]
+    starting = asyncio.create_task(replica.start())
+    await reading.wait()
+    bus_connected = replica.bus is not None and replica.bus.connected
+    ready_while_reading = replica.ready
+    release.set()
+    async with asyncio.timeout(5):
+        await starting
+
+    assert bus_connected is True
+    assert ready_while_reading is False
+    assert replica.ready is True
+    await replica.stop()
 
 
 async def test_start_and_stop_are_idempotent(cluster: Cluster) -> None:

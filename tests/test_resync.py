@@ -81,6 +81,87 @@ async def test_reconnect_resync_finishes_missed_install(cluster: Cluster) -> Non
     assert b.ready is True
 
 
+async def test_resync_runs_hooks_of_found_end(cluster: Cluster) -> None:
+    """A resync of its own, with no reconnect, runs the hooks of an end it finds,
+    and a reconnect afterwards does not run them again."""
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    reloads: list[InvalidationMessage] = []
+    b.on_models_invalidated(reloads.append)
+    release = asyncio.Event()
+
+    async def install(handle: OperationHandle) -> None:
+        await handle.update(progress=50.0)
+        await release.wait()
+
+    job_id = await a.operations.start_operation(
+        "gallery@model-a", install, element_name="model-a"
+    )
+    await asyncio.sleep(0)
+    await cluster.settle()
+    bus_of(b).disconnect()
+    release.set()
+    await asyncio.sleep(0)
+    await cluster.settle()
+    assert a.operations.writer is not None
+    await a.operations.writer.flush()
+
+    await b.resync()
+    found = [(m.element, m.job_id) for m in reloads]
+    bus_of(b).reconnect()
+    await wait_resynced(b)
+
+    held = b.operations.get_status(job_id)
+    assert held is not None
+    assert held.state is OpState.COMPLETED
+    assert found == [("model-a", job_id)]
+    assert [(m.element, m.job_id) for m in reloads] == [("model-a", job_id)]
+
+
+async def test_owner_finishes_work_while_bus_down(cluster: Cluster) -> None:
+    """Work goes on while its owner's bus is down; the end reaches the store at
+    once and the peers after the reconnect."""
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    release = asyncio.Event()
+
+    async def install(handle: OperationHandle) -> None:
+        await handle.update(progress=10.0)
+        await release.wait()
+        await handle.update(progress=90.0)
+
+    job_id = await a.operations.start_operation(
+        "gallery@model-a", install, element_name="model-a"
+    )
+    await asyncio.sleep(0)
+    await cluster.settle()
+    bus_of(a).disconnect()
+    release.set()
+    await eventually(
+        lambda: (a.operations.get_status(job_id) or OpStatus()).terminal, 5
+    )
+    assert a.operations.writer is not None
+    await a.operations.writer.flush()
+    stored = cluster.store.rows[job_id].status
+    peer_before = b.operations.get_status(job_id)
+
+    bus_of(a).reconnect()
+    await wait_resynced(a)
+    await eventually(
+        lambda: (b.operations.get_status(job_id) or OpStatus()).terminal, 5
+    )
+
+    owner = a.operations.get_status(job_id)
+    assert owner is not None
+    assert owner.state is OpState.COMPLETED
+    assert stored is OpState.COMPLETED
+    assert peer_before is not None
+    assert peer_before.terminal is False
+    peer = b.operations.get_status(job_id)
+    assert peer is not None
+    assert peer.state is OpState.COMPLETED
+
+
 async def test_version_gap_triggers_resync(cluster: Cluster) -> None:
     a = await cluster.add("a")
     b = await cluster.add("b")

@@ -11,7 +11,7 @@ import pytest
 from replistate import InMemoryStore, OperationRecord, OpState, OpStatus, StoreError
 from replistate.store.writer import StoreWriter
 
-from .conftest import Cluster
+from .conftest import Cluster, eventually
 
 
 class FlakyStore(InMemoryStore):
@@ -148,3 +148,24 @@ async def test_replica_status_reaches_store_through_writer(cluster: Cluster) -> 
     assert row.status is OpState.COMPLETED
     assert row.version == 2
     assert row.frontend_id == "a"
+
+
+async def test_retry_wait_is_capped(
+    flaky: tuple[FlakyStore, StoreWriter],
+) -> None:
+    """The wait between retries doubles up to `max_backoff`, and resets once the
+    store takes a write."""
+    store, writer = flaky
+    store.down = True
+    writer.max_backoff = 0.2
+
+    writer.submit("job-1", OpStatus(processed=True), version=1)
+    await eventually(lambda: writer.failures >= 6, 10)
+    capped = writer.retry_wait
+    store.down = False
+    async with asyncio.timeout(5):
+        await writer.flush()
+
+    assert capped == 0.2
+    assert writer.retry_wait == 0.0
+    assert store.saves == [("job-1", 1)]

@@ -69,6 +69,8 @@ class StoreWriter:
         self.on_rejected = on_rejected
         self.writes = 0
         self.failures = 0
+        self.retry_wait = 0.0
+        """Seconds the writer waits before its next retry, 0 while writes succeed."""
         self._pending: dict[str, PendingWrite] = {}
         self._last_write: dict[str, float] = {}
         self._wake = asyncio.Event()
@@ -175,9 +177,10 @@ class StoreWriter:
                     failed = True
             if failed:
                 backoff = min(self.max_backoff, max(0.05, backoff * 2))
+                self.retry_wait = backoff
                 await asyncio.sleep(backoff)
             else:
-                backoff = 0.0
+                backoff = self.retry_wait = 0.0
 
     def _due_writes(self) -> tuple[list[PendingWrite], float]:
         now = time.monotonic()
