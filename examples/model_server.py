@@ -71,10 +71,12 @@ class Settings:
     lease_seconds: float = attrs.field(default=15.0, converter=float)
     reap_seconds: float = attrs.field(default=5.0, converter=float)
     install_seconds: float = attrs.field(default=8.0, converter=float)
+    store_timeout: float = attrs.field(default=10.0, converter=float)
 
     @lease_seconds.validator
     @reap_seconds.validator
     @install_seconds.validator
+    @store_timeout.validator
     def _check_seconds(self, attribute: attrs.Attribute[float], value: float) -> None:
         if not (math.isfinite(value) and value > 0):
             raise ValueError(
@@ -165,6 +167,13 @@ def parse_settings(argv: list[str] | None, description: str) -> Settings:
         default=defaults.install_seconds.default,
         help="duration of a simulated install, in seconds (default: %(default)s)",
     )
+    parser.add_argument(
+        "--store-timeout",
+        type=seconds,
+        default=defaults.store_timeout.default,
+        help="seconds to wait for a PostgreSQL connection before a store call "
+        "fails; failed status writes are retried (default: %(default)s)",
+    )
     values = vars(parser.parse_args(argv))
     if values["replica_id"] is None:
         del values["replica_id"]
@@ -181,6 +190,7 @@ ENV_NAMES = {
     "lease_seconds": "EXAMPLE_LEASE_SECONDS",
     "reap_seconds": "EXAMPLE_REAP_SECONDS",
     "install_seconds": "EXAMPLE_INSTALL_SECONDS",
+    "store_timeout": "EXAMPLE_STORE_TIMEOUT",
 }
 """The environment variable of each setting, for servers that import the app."""
 
@@ -320,7 +330,11 @@ class ModelServer:
                 reap_interval=settings.reap_seconds,
             ),
             bus=NatsBus(settings.nats_url, name=settings.replica_id),
-            store=PostgresGalleryStore(settings.postgres_url, table=settings.table),
+            store=PostgresGalleryStore(
+                settings.postgres_url,
+                table=settings.table,
+                timeout=settings.store_timeout,
+            ),
         )
         replica.on_models_invalidated(self._reload_models)
         return replica

@@ -121,6 +121,18 @@ class Cluster:
         logs = "\n".join(r.log.read_text()[-1500:] for r in replicas)
         raise AssertionError(f"job {job_id} never {state} everywhere: {states}\n{logs}")
 
+    async def wait_models(
+        self, replicas: list[Process], model: str, seconds: float
+    ) -> None:
+        """Wait until every replica has reloaded its models and lists `model`."""
+        began = time.monotonic()
+        while time.monotonic() - began < seconds:
+            listed = [(await self.get(r, "/api/models"))[1]["models"] for r in replicas]
+            if all(model in models for models in listed):
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{model} not loaded everywhere: {listed}")
+
     async def running_anywhere(self, replicas: list[Process]) -> list[str]:
         """Return the job ids any replica still lists without an end."""
         running = []
@@ -158,8 +170,9 @@ async def own_postgres() -> AsyncIterator[ThrowawayPostgres]:
 async def test_nats_restart_mid_install(
     own_nats: ThrowawayNats, postgres_url: str, tmp_path: Path
 ) -> None:
-    """Every replica shows the install completed soon after NATS returns."""
-    cluster = Cluster(own_nats.url, postgres_url, tmp_path, "--install-seconds", "4")
+    """An install that ends while NATS is down shows completed on every replica,
+    with the models reloaded, soon after NATS returns."""
+    cluster = Cluster(own_nats.url, postgres_url, tmp_path, "--install-seconds", "3")
     try:
         replicas = [await cluster.launch(f"replica-{n}") for n in (1, 2, 3)]
         _, body = await cluster.post(replicas[0], "/api/models/install/model-a")
@@ -167,11 +180,19 @@ async def test_nats_restart_mid_install(
         await cluster.wait_all(replicas, job_id, "downloading", 10)
 
         await asyncio.to_thread(own_nats.stop)
-        await asyncio.sleep(3)
+        # The install ends during the outage, so only its owner has the end.
+        await cluster.wait_all(replicas[:1], job_id, "completed", 15)
+        await asyncio.sleep(1)
+        peers_during_outage = [
+            (await cluster.job(replica, job_id)).get("state")
+            for replica in replicas[1:]
+        ]
         await asyncio.to_thread(own_nats.start)
-        converged = await cluster.wait_all(replicas, job_id, "completed", 30)
+        converged = await cluster.wait_all(replicas, job_id, "completed", 10)
+        await cluster.wait_models(replicas, "model-a", 10)
 
         print(f"converged {converged:.2f} s after the NATS restart")
+        assert peers_during_outage == ["downloading", "downloading"]
         assert await cluster.running_anywhere(replicas) == []
     finally:
         await cluster.close()
@@ -180,8 +201,20 @@ async def test_nats_restart_mid_install(
 async def test_postgres_outage_mid_install(
     nats_url: str, own_postgres: ThrowawayPostgres, tmp_path: Path
 ) -> None:
-    """The install completes during an outage and its end reaches the table."""
-    cluster = Cluster(nats_url, own_postgres.url, tmp_path, "--install-seconds", "3")
+    """The install completes during an outage and its end reaches the table.
+
+    Store calls time out after 1 s, well within the outage, so the owner's
+    terminal write fails and is retried until PostgreSQL is back.
+    """
+    cluster = Cluster(
+        nats_url,
+        own_postgres.url,
+        tmp_path,
+        "--install-seconds",
+        "3",
+        "--store-timeout",
+        "1",
+    )
     try:
         replicas = [await cluster.launch(f"replica-{n}") for n in (1, 2, 3)]
         _, body = await cluster.post(replicas[0], "/api/models/install/model-a")
@@ -210,6 +243,8 @@ async def test_postgres_outage_mid_install(
             await asyncio.sleep(0.2)
         assert stored == "completed"
         await cluster.wait_all(replicas, job_id, "completed", 5)
+        owner_log = replicas[0].log.read_text()
+        assert f"of job '{job_id}' not stored, will retry" in owner_log
     finally:
         await cluster.close()
 

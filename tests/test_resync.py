@@ -262,15 +262,22 @@ async def test_periodic_resync_runs() -> None:
 
 async def test_nats_restart_resyncs_peer(postgres_url: str, table_name: str) -> None:
     """With real servers: a completion published while NATS was down reaches the
-    peer through the store once NATS is back."""
+    peer through the store once NATS is back.
+
+    The owner retries its connection every 0.1 s and the peer every 2 s, so the
+    owner is almost always back first and sends what nats-py held for it while
+    the peer is still away: only the resync can bring the end to the peer.
+    """
     with ThrowawayNats() as nats_server:
         replicas = [
             Replica(
-                ReplicaConfig(replica_id=name, resync_interval=None),
-                bus=NatsBus(nats_server.url, reconnect_wait=0.1),
+                ReplicaConfig(
+                    replica_id=name, resync_interval=None, start_resync_delay=None
+                ),
+                bus=NatsBus(nats_server.url, reconnect_wait=wait),
                 store=PostgresGalleryStore(postgres_url, table=table_name),
             )
-            for name in ("a", "b")
+            for name, wait in (("a", 0.1), ("b", 2.0))
         ]
         a, b = replicas
         for replica in replicas:
