@@ -41,9 +41,19 @@ async def wait_resynced(replica: Replica) -> None:
         await replica.resyncer.wait_idle()
 
 
-async def test_reconnect_resync_finishes_missed_install(cluster: Cluster) -> None:
-    """An install that completed while B was disconnected ends on B as a live end
-    event would: shown completed, removed from the OpCache, models reloaded."""
+@attrs.frozen
+class MissedEnd:
+    """An install that A ended while B was disconnected."""
+
+    a: Replica
+    b: Replica
+    job_id: str
+    reloads: list[InvalidationMessage]
+    """The invalidations B's models hook received."""
+
+
+async def end_install_while_away(cluster: Cluster) -> MissedEnd:
+    """Start an install on A, disconnect B, then let the install complete."""
     a = await cluster.add("a")
     b = await cluster.add("b")
     reloads: list[InvalidationMessage] = []
@@ -65,57 +75,50 @@ async def test_reconnect_resync_finishes_missed_install(cluster: Cluster) -> Non
     release.set()
     await asyncio.sleep(0)
     await cluster.settle()
-    held = b.operations.get_status(job_id)
+    assert a.operations.writer is not None
+    await a.operations.writer.flush()
+    return MissedEnd(a, b, job_id, reloads)
+
+
+async def test_reconnect_resync_finishes_missed_install(cluster: Cluster) -> None:
+    """An install that completed while B was disconnected ends on B as a live end
+    event would: shown completed, removed from the OpCache, models reloaded."""
+    missed = await end_install_while_away(cluster)
+    b = missed.b
+    held = b.operations.get_status(missed.job_id)
     assert held is not None
     assert held.processed is False
-    assert reloads == []
+    assert missed.reloads == []
 
     bus_of(b).reconnect()
     await wait_resynced(b)
 
-    held = b.operations.get_status(job_id)
+    held = b.operations.get_status(missed.job_id)
     assert held is not None
     assert held.state is OpState.COMPLETED
     assert b.opcache.get("gallery@model-a") is None
-    assert [(m.element, m.op) for m in reloads] == [("model-a", OpType.INSTALL)]
+    assert [(m.element, m.op) for m in missed.reloads] == [("model-a", OpType.INSTALL)]
     assert b.ready is True
 
 
 async def test_resync_runs_hooks_of_found_end(cluster: Cluster) -> None:
     """A resync of its own, with no reconnect, runs the hooks of an end it finds,
     and a reconnect afterwards does not run them again."""
-    a = await cluster.add("a")
-    b = await cluster.add("b")
-    reloads: list[InvalidationMessage] = []
-    b.on_models_invalidated(reloads.append)
-    release = asyncio.Event()
-
-    async def install(handle: OperationHandle) -> None:
-        await handle.update(progress=50.0)
-        await release.wait()
-
-    job_id = await a.operations.start_operation(
-        "gallery@model-a", install, element_name="model-a"
-    )
-    await asyncio.sleep(0)
-    await cluster.settle()
-    bus_of(b).disconnect()
-    release.set()
-    await asyncio.sleep(0)
-    await cluster.settle()
-    assert a.operations.writer is not None
-    await a.operations.writer.flush()
+    missed = await end_install_while_away(cluster)
+    b = missed.b
 
     await b.resync()
-    found = [(m.element, m.job_id) for m in reloads]
+    found = [(m.element, m.job_id) for m in missed.reloads]
     bus_of(b).reconnect()
     await wait_resynced(b)
 
-    held = b.operations.get_status(job_id)
+    held = b.operations.get_status(missed.job_id)
     assert held is not None
     assert held.state is OpState.COMPLETED
-    assert found == [("model-a", job_id)]
-    assert [(m.element, m.job_id) for m in reloads] == [("model-a", job_id)]
+    assert found == [("model-a", missed.job_id)]
+    assert [(m.element, m.job_id) for m in missed.reloads] == [
+        ("model-a", missed.job_id)
+    ]
 
 
 async def test_owner_finishes_work_while_bus_down(cluster: Cluster) -> None:

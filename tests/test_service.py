@@ -779,6 +779,16 @@ async def test_no_lock_held_during_io() -> None:
     assert store.written.index("job-fast") < store.written.index("job-slow")
 
 
+async def publish_as_peer(
+    replica: Replica, job_id: str, status: OpStatus, version: int
+) -> None:
+    """Publish a status of `job_id` on `replica`'s bus, as a peer "x" would."""
+    bus = replica.bus
+    assert isinstance(bus, InMemoryBus)
+    message = ProgressMessage(job_id=job_id, status=status, origin="x", version=version)
+    await bus.publish(replica.subjects.progress(job_id), encode(message))
+
+
 async def test_equal_version_is_ignored(cluster: Cluster) -> None:
     """A status with the version already held is a duplicate, whatever it says."""
     a = await cluster.add("a")
@@ -786,13 +796,8 @@ async def test_equal_version_is_ignored(cluster: Cluster) -> None:
     await a.operations.update_status("job-1", OpStatus(progress=60))
     await a.operations.update_status("job-1", OpStatus(progress=70))
     await cluster.settle()
-    bus = a.bus
-    assert isinstance(bus, InMemoryBus)
 
-    same = ProgressMessage(
-        job_id="job-1", status=OpStatus(progress=10), origin="x", version=2
-    )
-    await bus.publish(a.subjects.progress("job-1"), encode(same))
+    await publish_as_peer(a, "job-1", OpStatus(progress=10), version=2)
     await cluster.settle()
 
     held = b.operations.get_status("job-1")
@@ -809,13 +814,8 @@ async def test_newer_tick_never_reopens_terminal(cluster: Cluster) -> None:
     await cluster.settle()
     version = b.operations.version_of("job-1")
     assert version is not None
-    bus = a.bus
-    assert isinstance(bus, InMemoryBus)
 
-    late = ProgressMessage(
-        job_id="job-1", status=OpStatus(progress=40), origin="x", version=version + 1
-    )
-    await bus.publish(a.subjects.progress("job-1"), encode(late))
+    await publish_as_peer(a, "job-1", OpStatus(progress=40), version=version + 1)
     await cluster.settle()
 
     held = b.operations.get_status("job-1")
@@ -844,12 +844,7 @@ async def test_read_through_keeps_newer_bus_status(cluster: Cluster) -> None:
     store.get = slow_get  # type: ignore[method-assign]
     fetch = asyncio.create_task(b.operations.fetch_status("job-1"))
     await reading.wait()
-    bus = a.bus
-    assert isinstance(bus, InMemoryBus)
-    newer = ProgressMessage(
-        job_id="job-1", status=OpStatus(progress=30), origin="x", version=3
-    )
-    await bus.publish(a.subjects.progress("job-1"), encode(newer))
+    await publish_as_peer(a, "job-1", OpStatus(progress=30), version=3)
     await cluster.settle()
     release.set()
     async with asyncio.timeout(5):
