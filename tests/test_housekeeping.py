@@ -146,8 +146,8 @@ async def test_stored_cancel_found_before_work_starts(cluster: Cluster) -> None:
 
 
 async def test_cancel_while_queued_skips_work(cluster: Cluster) -> None:
-    """A cancel on the owner while the job is still queued means its work never
-    starts."""
+    """A cancel on the owner while the job is still queued keeps its work from
+    starting."""
     a = await add(cluster, "a")
     store = cluster.store
     original_renew = store.renew_leases

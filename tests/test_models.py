@@ -202,7 +202,7 @@ def test_error_at_length_limit_kept_whole() -> None:
 
 
 def test_long_error_cut_with_note() -> None:
-    """Text over the limit is cut alike everywhere, and says how long it was."""
+    """Text over the limit is cut alike everywhere, with a note of its length."""
     cut = error_text(RuntimeError("x" * (MAX_TEXT_LENGTH + 10)))
 
     assert cut is not None

@@ -268,8 +268,8 @@ async def test_nats_restart_resyncs_peer(postgres_url: str, table_name: str) -> 
     peer through the store once NATS is back.
 
     The owner retries its connection every 0.1 s and the peer every 2 s, so the
-    owner is almost always back first and sends what nats-py held for it while
-    the peer is still away: only the resync can bring the end to the peer.
+    owner is almost always back first. It then sends what nats-py kept for it
+    while the peer is still away, and only the resync brings the end to the peer.
     """
     with ThrowawayNats() as nats_server:
         replicas = [

@@ -790,7 +790,7 @@ async def publish_as_peer(
 
 
 async def test_equal_version_is_ignored(cluster: Cluster) -> None:
-    """A status with the version already held is a duplicate, whatever it says."""
+    """A status with the version already held is a duplicate, whatever it contains."""
     a = await cluster.add("a")
     b = await cluster.add("b")
     await a.operations.update_status("job-1", OpStatus(progress=60))
