@@ -41,6 +41,7 @@ __all__ = [
     "OpCacheEndMessage",
     "OpCacheStartMessage",
     "ProgressMessage",
+    "SyncRequestMessage",
     "WireMessage",
     "converter",
     "decode",
@@ -100,6 +101,20 @@ class OpCacheEndMessage:
     is_backend: bool = False
     origin: str | None = None
     version: int | None = None
+    schema: int = SCHEMA_VERSION
+
+
+@attrs.frozen(kw_only=True)
+class SyncRequestMessage:
+    """Payload of `<prefix>.sync`, replistate's own subject: a replica that just
+    hydrated asks the owners to publish the current status of their jobs.
+
+    The store holds progress only as of the last coalesced write, so a replica
+    that starts mid-operation would otherwise show an older progress than its
+    peers until the next tick.
+    """
+
+    origin: str
     schema: int = SCHEMA_VERSION
 
 

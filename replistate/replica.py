@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
 
@@ -27,8 +27,9 @@ from replistate.codec import (
     OpCacheEndMessage,
     OpCacheStartMessage,
     ProgressMessage,
+    SyncRequestMessage,
 )
-from replistate.errors import DecodeError, NotStartedError
+from replistate.errors import BusError, CodecError, DecodeError, NotStartedError
 from replistate.housekeeping import Housekeeper
 from replistate.invalidation import InvalidationHook
 from replistate.opcache import OpCache, OpCacheEntry
@@ -86,6 +87,11 @@ class ReplicaConfig:
         start_resync_delay: seconds after `start` when one resync runs, None for
             none. It finds an end the bus did not deliver while the new
             subscriptions took effect.
+        sync_wait: seconds `start` waits, after hydrating, for the owners of the
+            running jobs it read to publish their current status; None to not
+            ask. The store holds progress only as of the last coalesced write,
+            so without it a replica that starts mid-operation shows an older
+            progress than its peers until the next tick.
     """
 
     replica_id: str = attrs.field(factory=_new_replica_id, validator=_non_empty)
@@ -98,6 +104,7 @@ class ReplicaConfig:
     write_retry_max: float = 5.0
     resync_interval: float | None = 30.0
     start_resync_delay: float | None = 1.0
+    sync_wait: float | None = 0.5
     lease: timedelta = timedelta(seconds=15)
     reap_interval: float = 5.0
     retention: float = 300.0
@@ -199,6 +206,10 @@ class Replica:
         # Messages received while hydrating, applied once the store was read.
         self._buffer: list[tuple[Callable[[str, Any], Awaitable[None]], str, Any]] = []
         self._buffering = False
+        # Running jobs read by the last hydrate whose owner has not sent their
+        # current status since, and the event set once none is left.
+        self._awaiting_owners: set[str] = set()
+        self._owners_answered = asyncio.Event()
 
     @property
     def replica_id(self) -> str:
@@ -287,6 +298,7 @@ class Replica:
             count = await self.hydrate()
         finally:
             await self._release_buffer()
+        await self._ask_owners()
         if self.resyncer is not None:
             resyncer = self.resyncer
             self.operations.on_gap = lambda job_id: resyncer.request(
@@ -297,6 +309,45 @@ class Replica:
                 self._spawn(self._resync_after_start(opened_at))
         self.housekeeper.start()
         return count
+
+    async def _ask_owners(self) -> None:
+        """Ask the owners of the running jobs just hydrated for their current
+        status, and wait up to `sync_wait` for every one to arrive."""
+        waiting = self._awaiting_owners
+        wait = self.config.sync_wait
+        if not waiting or wait is None or self.channel is None:
+            waiting.clear()
+            return
+        self._owners_answered.clear()
+        request = SyncRequestMessage(origin=self.replica_id)
+        try:
+            await self.channel.publish(self.subjects.sync, request)
+            async with asyncio.timeout(wait):
+                await self._owners_answered.wait()
+        except (BusError, CodecError) as exc:
+            logger.warning(
+                "replica %r could not ask owners for current statuses: %s",
+                self.replica_id,
+                exc,
+            )
+        except TimeoutError:
+            logger.info(
+                "replica %r got no current status within %g s for jobs %s: "
+                "showing their stored progress",
+                self.replica_id,
+                wait,
+                ", ".join(repr(job_id) for job_id in sorted(waiting)),
+            )
+        finally:
+            waiting.clear()
+
+    async def _receive_progress(self, subject: str, message: ProgressMessage) -> None:
+        waiting = self._awaiting_owners
+        if waiting and message.job_id in waiting:
+            waiting.discard(message.job_id)
+            if not waiting:
+                self._owners_answered.set()
+        await self.operations.handle_progress(subject, message)
 
     async def _resync_after_start(self, started: float) -> None:
         # NOTE: nats-server 2.15.1 was seen, about once in 200 runs, to deliver
@@ -342,6 +393,15 @@ class Replica:
         records = await self.store.list_active(
             self.config.active_window, include_failed=True
         )
+        now = datetime.now(UTC)
+        self._awaiting_owners = {
+            record.id
+            for record in records
+            if not record.status.terminal
+            and record.frontend_id != self.replica_id
+            and record.lease_expires_at is not None
+            and record.lease_expires_at > now
+        }
         for record in records:
             self.operations.restore(
                 record.id,
@@ -390,7 +450,12 @@ class Replica:
             (
                 subjects.all_progress,
                 Channel.decoder(ProgressMessage),
-                self.operations.handle_progress,
+                self._receive_progress,
+            ),
+            (
+                subjects.sync,
+                Channel.decoder(SyncRequestMessage),
+                self.operations.answer_sync,
             ),
             (
                 subjects.all_cancel,
@@ -413,11 +478,12 @@ class Replica:
         # field of this replica's own messages reads.
         own_origin = codec.encode({"origin": self.replica_id})[1:-1]
         for pattern, decoder, handler in pairs:
-            # Progress and OpCache handlers ignore this replica's own messages,
-            # but its invalidation hooks run on the echo.
+            # Progress, sync and OpCache handlers ignore this replica's own
+            # messages, but its invalidation hooks run on the echo.
             skip = (
                 own_origin
-                if pattern in (subjects.all_progress, subjects.all_opcache)
+                if pattern
+                in (subjects.all_progress, subjects.sync, subjects.all_opcache)
                 else None
             )
             self._subscriptions.append(

@@ -24,7 +24,12 @@ import attrs
 
 from replistate.bus.base import Channel
 from replistate.cancel import CancelFunction, CancelOutcome, CancelRouter
-from replistate.codec import CancelMessage, InvalidationMessage, ProgressMessage
+from replistate.codec import (
+    CancelMessage,
+    InvalidationMessage,
+    ProgressMessage,
+    SyncRequestMessage,
+)
 from replistate.errors import BusError, CodecError
 from replistate.invalidation import InvalidationHook, Invalidations
 from replistate.models import NodeProgress, OperationRecord, OpState, OpStatus, OpType
@@ -639,6 +644,34 @@ class OperationsService:
         """Stop every operation this replica runs, marking each failed with
         `reason`; see `OperationRunner.stop`."""
         await self.runner.stop(reason, grace_period)
+
+    async def answer_sync(self, subject: str, message: SyncRequestMessage) -> None:
+        """Publish the held status of every job this replica runs, with its
+        version unchanged, for the replica that asked.
+
+        Peers that hold that version already ignore the message.
+        """
+        if message.origin == self.replica_id or self.channel is None:
+            return
+        for job_id in self.owned_jobs:
+            held = self._held.get(job_id)
+            if held is None or held.version is None:
+                continue
+            progress = ProgressMessage(
+                job_id=job_id,
+                status=held.status,
+                origin=self.replica_id,
+                version=held.version,
+            )
+            try:
+                await self.channel.publish(self.subjects.progress(job_id), progress)
+            except (BusError, CodecError) as exc:
+                logger.warning(
+                    "status of job %r not sent to starting replica %r: %s",
+                    job_id,
+                    message.origin,
+                    exc,
+                )
 
     @property
     def owned_jobs(self) -> list[str]:

@@ -158,6 +158,15 @@ class Subjects:
         return f"{self.prefix}.opcache.*"
 
     @property
+    def sync(self) -> str:
+        """Subject on which a starting replica asks owners for current statuses.
+
+        It has two tokens, so it matches neither a job's progress or cancel
+        subject nor the OpCache subjects, the ones LocalAI peers subscribe to.
+        """
+        return f"{self.prefix}.sync"
+
+    @property
     def invalidate_models(self) -> str:
         """Subject telling peers to reload their model list."""
         return f"{self.cache_prefix}.models"

@@ -13,6 +13,7 @@ from replistate import (
     InMemoryBroker,
     InMemoryStore,
     NotStartedError,
+    OperationHandle,
     OperationRecord,
     OpStatus,
     Replica,
@@ -196,3 +197,40 @@ async def test_resync_after_start_finds_end_the_bus_lost() -> None:
     assert held.message == "finished during start"
     await a.stop()
     await b.stop()
+
+
+async def test_late_replica_shows_current_progress() -> None:
+    """A replica that starts mid-operation shows the owner's latest progress,
+    not the older one the coalescing store holds."""
+    broker, store = InMemoryBroker(), InMemoryStore()
+    config = {"write_interval": 3600.0, "start_resync_delay": None}
+    a = Replica(
+        ReplicaConfig(replica_id="a", **config), bus=broker.connect(), store=store
+    )
+    await a.start()
+    release = asyncio.Event()
+
+    async def install(handle: OperationHandle) -> None:
+        for progress in (10.0, 20.0, 30.0):
+            await handle.update(progress=progress)
+        await release.wait()
+
+    job_id = await a.operations.start_operation("gallery@m", install)
+    await eventually(
+        lambda: (a.operations.get_status(job_id) or OpStatus()).progress == 30.0
+    )
+    stored_progress = store.rows[job_id].progress
+
+    b = Replica(
+        ReplicaConfig(replica_id="b", **config), bus=broker.connect(), store=store
+    )
+    await b.start()
+    shown = b.operations.get_status(job_id)
+    release.set()
+    await a.stop()
+    await b.stop()
+
+    assert stored_progress == 0.0
+    assert shown is not None
+    assert shown.progress == 30.0
+    assert b.operations.version_of(job_id) == a.operations.version_of(job_id)
