@@ -339,12 +339,20 @@ def encode(message: object) -> bytes:
         raise EncodeError(f"cannot encode {type(message).__name__}: {exc}") from exc
 
 
+MAX_DETAIL_CHARACTERS: Final = 200
+"""Longest description of one field's error, so a huge value in a hostile
+payload does not make a huge log line."""
+
+
 def _describe(exc: BaseException, kind: type | None) -> str:
     """Describe one field's error with the hook's own message when it has one,
     because cattrs alone names only the expected type."""
-    if isinstance(exc, (ValueError, TypeError)) and str(exc):
-        return f"invalid value: {exc}"
-    return cattrs.v.format_exception(exc, kind)
+    own = str(exc)
+    if not isinstance(exc, (ValueError, TypeError)) or not own:
+        return cattrs.v.format_exception(exc, kind)
+    if len(own) > MAX_DETAIL_CHARACTERS:
+        own = f"{own[:MAX_DETAIL_CHARACTERS]}... [{len(own)} characters]"
+    return f"invalid value: {own}"
 
 
 def decode(

@@ -557,3 +557,16 @@ def test_null_nodes_decode_as_empty() -> None:
 
     assert message.status.nodes == ()
     assert message.status.progress == 5
+
+
+def test_decode_error_cuts_huge_value() -> None:
+    """A huge wrongly typed value gives a short message, fit for a log line."""
+    payload = b'{"id": "j", "version": "' + b"9" * 100_000 + b'"}'
+
+    with pytest.raises(DecodeError) as raised:
+        codec.decode(payload, CancelMessage)
+
+    message = str(raised.value)
+    assert len(message) < 400
+    assert "invalid value: expected int, got str '999" in message
+    assert message.endswith("... [100024 characters] @ $.version")
