@@ -78,15 +78,21 @@ class Settings:
     @install_seconds.validator
     @store_timeout.validator
     def _check_seconds(self, attribute: attrs.Attribute[float], value: float) -> None:
-        if not (math.isfinite(value) and value > 0):
+        if not MIN_SECONDS <= value <= MAX_SECONDS:
             raise ValueError(
-                f"invalid {attribute.name} {value!r}: expected a finite number of "
-                "seconds above 0"
+                f"invalid {attribute.name} {value!r}: expected {SECONDS_RANGE}"
             )
 
 
+MIN_SECONDS = 0.01
+MAX_SECONDS = 1_000_000.0
+SECONDS_RANGE = f"a number of seconds from {MIN_SECONDS:g} to {MAX_SECONDS:.0f}"
+"""The durations the examples accept: a shorter lease or reap interval makes a
+loop that only burns CPU, and a much longer one overflows a `timedelta`."""
+
+
 def seconds(text: str) -> float:
-    """Parse a duration in seconds: a finite number above 0.
+    """Parse a duration in seconds, within `SECONDS_RANGE`.
 
     Raises:
         argparse.ArgumentTypeError: the text is not such a number.
@@ -95,9 +101,10 @@ def seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
+    # NaN fails both comparisons, so it is rejected too.
+    if not MIN_SECONDS <= value <= MAX_SECONDS:
         raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r}: expected a finite number of seconds above 0"
+            f"invalid duration {text!r}: expected {SECONDS_RANGE}"
         )
     return value
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
@@ -56,6 +57,35 @@ def _non_empty(_: object, attribute: attrs.Attribute[str], value: str) -> None:
         raise ValueError(f"{attribute.name} must not be empty")
 
 
+MIN_PERIOD = 0.01
+"""Shortest lease, reap interval and resync interval, in seconds: a loop that
+wakes more often only burns CPU."""
+
+
+def _seconds(
+    minimum: float, *, optional: bool = False
+) -> Callable[[object, attrs.Attribute[Any], Any], None]:
+    """Return a validator of a finite number of seconds, or a `timedelta`, of at
+    least `minimum`, which with `optional` also lets None pass."""
+
+    def check(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None and optional:
+            return
+        seconds = value.total_seconds() if isinstance(value, timedelta) else value
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not math.isfinite(seconds)
+            or seconds < minimum
+        ):
+            raise ValueError(
+                f"invalid {attribute.name} {value!r}: expected a finite number of "
+                f"seconds of at least {minimum:g}"
+            )
+
+    return check
+
+
 @attrs.frozen(kw_only=True)
 class ReplicaConfig:
     """Settings of one replica.
@@ -97,19 +127,29 @@ class ReplicaConfig:
     replica_id: str = attrs.field(factory=_new_replica_id, validator=_non_empty)
     subject_prefix: str = DEFAULT_PREFIX
     cache_prefix: str = DEFAULT_CACHE_PREFIX
-    active_window: timedelta = ACTIVE_WINDOW
+    active_window: timedelta = attrs.field(
+        default=ACTIVE_WINDOW, validator=_seconds(MIN_PERIOD)
+    )
     max_payload: int | None = None
     create_schema: bool = True
-    write_interval: float = 0.5
-    write_retry_max: float = 5.0
-    resync_interval: float | None = 30.0
-    start_resync_delay: float | None = 1.0
-    sync_wait: float | None = 0.5
-    lease: timedelta = timedelta(seconds=15)
-    reap_interval: float = 5.0
-    retention: float = 300.0
+    write_interval: float = attrs.field(default=0.5, validator=_seconds(0))
+    write_retry_max: float = attrs.field(default=5.0, validator=_seconds(MIN_PERIOD))
+    resync_interval: float | None = attrs.field(
+        default=30.0, validator=_seconds(MIN_PERIOD, optional=True)
+    )
+    start_resync_delay: float | None = attrs.field(
+        default=1.0, validator=_seconds(0, optional=True)
+    )
+    sync_wait: float | None = attrs.field(
+        default=0.5, validator=_seconds(0, optional=True)
+    )
+    lease: timedelta = attrs.field(
+        default=timedelta(seconds=15), validator=_seconds(MIN_PERIOD)
+    )
+    reap_interval: float = attrs.field(default=5.0, validator=_seconds(MIN_PERIOD))
+    retention: float = attrs.field(default=300.0, validator=_seconds(0))
     history_size: int = 1000
-    stop_grace_period: float = 5.0
+    stop_grace_period: float = attrs.field(default=5.0, validator=_seconds(0))
 
 
 def _opcache_decoder(

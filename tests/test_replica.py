@@ -158,6 +158,34 @@ def test_config_rejects_bad_prefix() -> None:
         Replica(ReplicaConfig(subject_prefix="gallery.*"))
 
 
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("lease", timedelta(0)),
+        ("lease", timedelta(microseconds=1)),
+        ("reap_interval", float("nan")),
+        ("reap_interval", 0.001),
+        ("resync_interval", 0.0),
+        ("write_interval", -1.0),
+        ("retention", float("inf")),
+        ("sync_wait", True),
+    ],
+)
+def test_config_rejects_bad_durations(setting: str, value: object) -> None:
+    """A zero lease or reap interval would make a loop that spins the CPU."""
+    with pytest.raises(ValueError, match=f"invalid {setting} "):
+        ReplicaConfig(**{setting: value})  # type: ignore[arg-type]
+
+
+def test_config_accepts_optional_durations_off() -> None:
+    config = ReplicaConfig(
+        resync_interval=None, start_resync_delay=None, sync_wait=None
+    )
+
+    assert config.resync_interval is None
+    assert config.sync_wait is None
+
+
 def test_replica_ids_are_unique_by_default() -> None:
     assert ReplicaConfig().replica_id != ReplicaConfig().replica_id
 
