@@ -30,14 +30,25 @@ from replistate.codec import (
     ProgressMessage,
     SyncRequestMessage,
 )
-from replistate.errors import BusError, CodecError, DecodeError, NotStartedError
+from replistate.errors import (
+    BusError,
+    CodecError,
+    DecodeError,
+    InvalidIdError,
+    NotStartedError,
+)
 from replistate.housekeeping import Housekeeper
 from replistate.invalidation import InvalidationHook
 from replistate.opcache import OpCache, OpCacheEntry
 from replistate.resync import Resyncer
 from replistate.service import OperationsService
 from replistate.store.base import ACTIVE_WINDOW, GalleryStore
-from replistate.subjects import DEFAULT_CACHE_PREFIX, DEFAULT_PREFIX, Subjects
+from replistate.subjects import (
+    DEFAULT_CACHE_PREFIX,
+    DEFAULT_PREFIX,
+    Subjects,
+    validate_job_id,
+)
 
 __all__ = ["Replica", "ReplicaConfig"]
 
@@ -158,15 +169,24 @@ def _opcache_decoder(
     def decode(
         subject: str, data: bytes, limit: int
     ) -> OpCacheStartMessage | OpCacheEndMessage:
+        message: OpCacheStartMessage | OpCacheEndMessage
         if subject == subjects.opcache_start:
-            return codec.decode(
+            message = codec.decode(
                 data, OpCacheStartMessage, max_size=limit, subject=subject
             )
-        if subject == subjects.opcache_end:
-            return codec.decode(
+        elif subject == subjects.opcache_end:
+            message = codec.decode(
                 data, OpCacheEndMessage, max_size=limit, subject=subject
             )
-        raise DecodeError(f"unknown OpCache subject {subject!r}", subject=subject)
+        else:
+            raise DecodeError(f"unknown OpCache subject {subject!r}", subject=subject)
+        # Unlike progress and cancel, these subjects do not carry the job id, so
+        # nothing else checked that it could name a job.
+        try:
+            validate_job_id(message.job_id)
+        except InvalidIdError as exc:
+            raise DecodeError(str(exc), subject=subject) from None
+        return message
 
     return decode
 

@@ -210,3 +210,30 @@ class EndingStore(InMemoryStore):
             assert isinstance(self.peer.bus, InMemoryBus)
             await self.peer.bus.flush()
         return rows
+
+
+@pytest.mark.parametrize("job_id", ["a.b", "*", "", "x" * 5001])
+async def test_peer_start_with_bad_id_dropped(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture, job_id: str
+) -> None:
+    """A start event whose job id cannot name a job neither displaces the job
+    running on its cache key nor gets listed."""
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    await a.opcache.set("gallery@m", "job-1")
+    await cluster.settle()
+    bus = a.bus
+    assert isinstance(bus, InMemoryBus)
+
+    hostile = OpCacheStartMessage(
+        job_id=job_id, cache_key="gallery@m", is_backend=False, origin="x"
+    )
+    await bus.publish(a.subjects.opcache_start, codec.encode(hostile))
+    await cluster.settle()
+
+    for replica in (a, b):
+        assert replica.opcache.get("gallery@m") == "job-1"
+        assert replica.channel is not None
+        assert replica.channel.dropped["invalid"] == 1
+    assert "dropped message on subject 'gallery.opcache.start'" in caplog.text
+    assert max(len(line) for line in caplog.text.splitlines()) < 1000
