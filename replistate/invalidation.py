@@ -112,13 +112,19 @@ class Invalidations:
         else:
             return
         if message.version is not None:
+            # A job id and version name one end of one operation, whatever
+            # element name a resync reads back from the store for it.
             key = (
-                subject,
-                message.origin,
-                message.job_id,
-                message.element,
-                message.op,
-                message.version,
+                (subject, message.job_id, None, None, None, message.version)
+                if message.job_id is not None
+                else (
+                    subject,
+                    None,
+                    message.origin,
+                    message.element,
+                    message.op,
+                    message.version,
+                )
             )
             if key in self._seen:
                 return
@@ -140,6 +146,12 @@ class Invalidations:
                     message.element,
                     message.job_id,
                 )
+
+    def forget_job(self, job_id: str) -> None:
+        """Forget the invalidations of `job_id` seen so far, because a new run
+        under the same id starts its versions again."""
+        for key in [key for key in self._seen if key[1] == job_id]:
+            del self._seen[key]
 
     async def _invalidate(
         self,

@@ -346,6 +346,16 @@ class OperationsService:
         await self.update_status(job_id, status)
         return self._held[job_id].status
 
+    def begin_run(self, job_id: str) -> None:
+        """Note that this replica admits a new operation under `job_id`.
+
+        A job id may be used again once its row is cleaned up. The new run's
+        versions start again, so what this replica remembers of the old run,
+        its pruning and the invalidations it saw, must not apply to it.
+        """
+        self._pruned.pop(job_id, None)
+        self.invalidations.forget_job(job_id)
+
     async def handle_progress(self, subject: str, message: ProgressMessage) -> None:
         """Apply a status received from the bus."""
         if message.origin == self.replica_id:
@@ -388,9 +398,9 @@ class OperationsService:
         from then, as it does on the replicas that saw the end live, and a job
         not held here that ended more than `retention` ago is not restored.
         """
-        if job_id in self._pruned:
-            return False
         held = self._held.get(job_id)
+        if held is None and job_id in self._pruned:
+            return False
         age = 0.0
         if status.terminal and updated_at is not None:
             age = max(0.0, (datetime.now(UTC) - updated_at).total_seconds())

@@ -516,3 +516,86 @@ async def test_resync_before_first_row_keeps_peer_job() -> None:
     step.set()
     await owner.stop()
     await peer.stop()
+
+
+@pytest.mark.parametrize(
+    ("element_name", "renamed"),
+    [("m", "m-renamed"), ("x" * 9000, None), ("m\x00n", None)],
+    ids=["renamed-by-work", "cut-to-limit", "with-nul"],
+)
+async def test_reconnect_replay_runs_hook_once(
+    element_name: str, renamed: str | None
+) -> None:
+    """The replayed invalidation of a job names the element as the store has
+    it, which may differ from the live one; the hook still runs once."""
+    cluster = ReplicaCluster(
+        defaults={"start_resync_delay": None, "resync_interval": None}
+    )
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    runs: dict[str, list[str | None]] = {"a": [], "b": []}
+    for replica in (a, b):
+        seen = runs[replica.replica_id]
+        replica.on_models_invalidated(
+            lambda message, seen=seen: seen.append(message.job_id)
+        )
+
+    async def work(handle: OperationHandle) -> None:
+        if renamed is not None:
+            await handle.update(gallery_element_name=renamed)
+        await handle.update(progress=50.0)
+
+    job_id = await a.operations.start_operation(
+        "gallery@m", work, element_name=element_name
+    )
+    await eventually(lambda: runs == {"a": [job_id], "b": [job_id]})
+    await cluster.flush_writes()
+    for replica in (a, b):
+        bus_of(replica).disconnect()
+    for replica in (a, b):
+        bus_of(replica).reconnect()
+    for replica in (a, b):
+        await wait_resynced(replica)
+    await cluster.settle()
+    await cluster.stop()
+
+    assert runs == {"a": [job_id], "b": [job_id]}
+
+
+async def test_late_tick_after_prune_is_repaired() -> None:
+    """A tick delivered after retention dropped its ended job brings it back as
+    running only until the next resync restores the stored end."""
+    broker = FaultyBroker(seed=1)
+    cluster = ReplicaCluster(
+        broker=broker,
+        defaults={
+            "retention": 0.2,
+            "reap_interval": 0.05,
+            "start_resync_delay": None,
+            "resync_interval": None,
+        },
+    )
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+
+    async def install(handle: OperationHandle) -> None:
+        # Only this tick is late: it reaches B after B pruned the ended job.
+        broker.delay(a.subjects.progress(handle.job_id), seconds=1.5)
+        await handle.update(progress=50.0)
+        broker.clear()
+
+    job_id = await a.operations.start_operation("gallery@m", install)
+    await eventually(lambda: (b.operations.get_status(job_id) or OpStatus()).terminal)
+    await eventually(lambda: b.operations.get_status(job_id) is None, 5)
+    await broker.wait_delays()
+    await cluster.settle()
+    ghost = b.operations.get_status(job_id)
+    await cluster.flush_writes()
+    await b.resync()
+    repaired = b.operations.get_status(job_id)
+    await cluster.stop()
+
+    assert ghost is not None
+    assert ghost.terminal is False
+    assert repaired is not None
+    assert repaired.state is OpState.COMPLETED

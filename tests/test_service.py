@@ -853,3 +853,24 @@ async def test_read_through_keeps_newer_bus_status(cluster: Cluster) -> None:
     assert fetched is not None
     assert fetched.progress == 30
     assert b.operations.version_of("job-1") == 3
+
+
+async def test_reused_job_id_reloads_again() -> None:
+    """A job id used again after its first run left memory runs the hooks
+    again, although the second run ends with the same version."""
+    replica = Replica(ReplicaConfig(replica_id="a", retention=0.1, reap_interval=0.05))
+    await replica.start()
+    runs: list[str | None] = []
+    replica.on_models_invalidated(lambda message: runs.append(message.job_id))
+
+    async def install(handle: OperationHandle) -> None:
+        await handle.update(progress=50.0)
+
+    for _ in range(2):
+        await replica.operations.start_operation(
+            "gallery@m", install, element_name="m", job_id="install-1"
+        )
+        await eventually(lambda: replica.operations.get_status("install-1") is None)
+    await replica.stop()
+
+    assert runs == ["install-1", "install-1"]
