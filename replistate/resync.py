@@ -45,6 +45,11 @@ store. Its owner writes the first row a store round trip after announcing the jo
 and later when the store is slow."""
 
 
+REPLAY_MARGIN = 1.0
+"""Seconds before the previous resync from which completions have their hooks
+checked again, for an end seen while that resync ran."""
+
+
 class Resyncer:
     """Reconciles one replica's mirror with the store, on request and on a period.
 
@@ -77,6 +82,7 @@ class Resyncer:
         self._requested = asyncio.Event()
         self._reasons: set[str] = set()
         self._ended_since: float | None = None
+        self._last_began: float | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._loop = BackgroundTask("replistate resync", self._run)
@@ -116,6 +122,13 @@ class Resyncer:
             self._requested.clear()
             reasons, self._reasons = self._reasons, set()
             ended_since, self._ended_since = self._ended_since, None
+            if self._last_began is not None:
+                # An invalidation can be lost without a disconnect, as NATS drops
+                # messages for a slow consumer, so every resync runs the hooks of
+                # jobs seen completing since the last one, once per version.
+                since = self._last_began - REPLAY_MARGIN
+                ended_since = since if ended_since is None else min(ended_since, since)
+            began = time.monotonic()
             try:
                 await self.resync(", ".join(sorted(reasons)), ended_since=ended_since)
             except StoreError as exc:
@@ -128,6 +141,7 @@ class Resyncer:
                 await asyncio.sleep(1.0)
                 self.request("retry")
                 continue
+            self._last_began = began
             if not self._requested.is_set():
                 self._idle.set()
 

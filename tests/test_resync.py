@@ -599,3 +599,36 @@ async def test_late_tick_after_prune_is_repaired() -> None:
     assert ghost.terminal is False
     assert repaired is not None
     assert repaired.state is OpState.COMPLETED
+
+
+async def test_periodic_resync_replays_lost_invalidation() -> None:
+    """An invalidation lost while every bus stayed connected still reloads the
+    models on every replica, at a later periodic resync."""
+    broker = FaultyBroker(seed=1)
+    cluster = ReplicaCluster(
+        broker=broker,
+        defaults={"resync_interval": 0.2, "start_resync_delay": None},
+    )
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    runs: dict[str, list[str | None]] = {"a": [], "b": []}
+    for replica in (a, b):
+        seen = runs[replica.replica_id]
+        replica.on_models_invalidated(
+            lambda message, seen=seen: seen.append(message.job_id)
+        )
+    broker.drop(a.subjects.invalidate_models)
+
+    async def install(handle: OperationHandle) -> None:
+        await handle.update(progress=50.0)
+
+    job_id = await a.operations.start_operation("gallery@m", install, element_name="m")
+    await eventually(lambda: (b.operations.get_status(job_id) or OpStatus()).terminal)
+    lost = {name: list(seen) for name, seen in runs.items()}
+    await eventually(lambda: runs == {"a": [job_id], "b": [job_id]}, 5)
+    await asyncio.sleep(0.5)
+    await cluster.stop()
+
+    assert lost == {"a": [], "b": []}
+    assert runs == {"a": [job_id], "b": [job_id]}
+    assert broker.counts["drop"] == 2
