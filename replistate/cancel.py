@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from replistate.bus.base import raised_by_callback
 from replistate.codec import CancelMessage
-from replistate.errors import StoreError
+from replistate.errors import BusError, StoreError
 from replistate.subjects import validate_job_id
 
 if TYPE_CHECKING:
@@ -95,23 +95,35 @@ class CancelRouter:
         )
         try:
             await service.channel.publish(service.subjects.cancel(job_id), message)
-        finally:
-            if storing is not None:
-                await storing
+        except BusError as exc:
+            if storing is None or not await storing:
+                raise
+            logger.warning(
+                "cancel of job %r stored but not sent, so its owner finds it at "
+                "its next check: %s",
+                job_id,
+                exc,
+            )
+            return CancelOutcome.ACCEPTED
+        if storing is not None:
+            await storing
         logger.info("cancel of job %r sent to its owner", job_id)
 
         return CancelOutcome.ACCEPTED
 
-    async def _store_intent(self, job_id: str) -> None:
+    async def _store_intent(self, job_id: str) -> bool:
+        """Store the cancel intent of `job_id`; return whether a row took it."""
         assert self.service.store is not None
         try:
-            await self.service.store.request_cancel(job_id)
+            row = await self.service.store.request_cancel(job_id)
         except StoreError as exc:
             logger.warning(
                 "cancel intent of job %r not stored, sent on the bus only: %s",
                 job_id,
                 exc,
             )
+            return False
+        return row is not None
 
     async def handle_cancel(self, subject: str, message: CancelMessage) -> None:
         """Run the cancel function of a job if it is registered on this replica."""

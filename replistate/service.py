@@ -534,7 +534,8 @@ class OperationsService:
 
         Raises:
             InvalidIdError: `job_id` cannot name a job.
-            BusError: the request had to be sent and the bus is not connected.
+            BusError: the request had to be sent, the bus is not connected and
+                the store did not take the intent either.
             StoreError: the job is not held here and the store cannot be read.
         """
         return await self.cancels.request(job_id)

@@ -373,6 +373,8 @@ async def test_cancel_of_non_cancellable(cluster: Cluster) -> None:
 
 
 async def test_cancel_on_closed_bus_answers(cluster: Cluster) -> None:
+    """With the bus closed and the intent not stored either, the request is
+    answered 503."""
     a = await cluster.add("a")
     b = await cluster.add("b")
     job_id = await a.operations.start_operation("gallery@m", block)
@@ -380,6 +382,10 @@ async def test_cancel_on_closed_bus_answers(cluster: Cluster) -> None:
     assert b.bus is not None
     await b.bus.close()
 
+    async def store_down(job_id: str) -> None:
+        raise StoreError(f"request_cancel for job {job_id!r} failed: store is down")
+
+    cluster.store.request_cancel = store_down  # type: ignore[method-assign]
     status, body = await cancel_response(b, job_id)
 
     assert status == 503

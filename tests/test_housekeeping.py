@@ -285,3 +285,22 @@ async def test_history_is_bounded(cluster: Cluster) -> None:
         "job-3",
         "job-4",
     ]
+
+
+async def test_cancel_with_bus_down_is_stored(cluster: Cluster) -> None:
+    """A cancel requested on a replica whose bus is down is accepted once its
+    intent is stored, and the owner carries it out."""
+    a = await add(cluster, "a")
+    b = await add(cluster, "b")
+    job_id = await a.operations.start_operation("gallery@m", block)
+    await eventually(lambda: b.opcache.get("gallery@m") == job_id)
+    assert isinstance(b.bus, InMemoryBus)
+
+    b.bus.disconnect()
+    outcome = await b.operations.cancel(job_id)
+    await eventually(
+        lambda: (a.operations.get_status(job_id) or OpStatus()).cancelled, 5
+    )
+
+    assert outcome is CancelOutcome.ACCEPTED
+    assert cluster.store.rows[job_id].cancel_requested is True
