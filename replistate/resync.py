@@ -330,4 +330,4 @@ class Resyncer:
             job_id=row.id,
             version=row.version,
         )
-        await self.operations.handle_invalidation(subject, message)
+        await self.operations.invalidations.handle_invalidation(subject, message)

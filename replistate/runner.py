@@ -337,7 +337,9 @@ class OperationRunner:
             )
             await service.update_status(job_id, final)
             invalidate = (
-                service.invalidate_backends if is_backend else service.invalidate_models
+                service.invalidations.invalidate_backends
+                if is_backend
+                else service.invalidations.invalidate_models
             )
             version = service.version_of(job_id)
             await invalidate(

@@ -26,12 +26,10 @@ from replistate.bus.base import Channel
 from replistate.cancel import CancelFunction, CancelOutcome, CancelRouter
 from replistate.codec import (
     CancelMessage,
-    InvalidationMessage,
     ProgressMessage,
-    SyncRequestMessage,
 )
 from replistate.errors import BusError, CodecError
-from replistate.invalidation import InvalidationHook, Invalidations
+from replistate.invalidation import Invalidations
 from replistate.models import NodeProgress, OperationRecord, OpState, OpStatus, OpType
 from replistate.opcache import OpCache
 from replistate.runner import OperationHandle, OperationRunner, Work
@@ -548,49 +546,6 @@ class OperationsService:
         """Run the cancel function of `job_id` if it is registered here."""
         await self.cancels.run_local(job_id)
 
-    # Invalidation -----------------------------------------------------------
-
-    def on_models_invalidated(self, hook: InvalidationHook) -> Callable[[], None]:
-        """Call `hook` on every models invalidation; return a function removing it."""
-        return self.invalidations.on_models_invalidated(hook)
-
-    def on_backends_invalidated(self, hook: InvalidationHook) -> Callable[[], None]:
-        """Call `hook` on every backends invalidation; return a function removing
-        it."""
-        return self.invalidations.on_backends_invalidated(hook)
-
-    async def invalidate_models(
-        self,
-        element: str | None = None,
-        op: OpType | None = None,
-        *,
-        job_id: str | None = None,
-        version: int | None = None,
-    ) -> None:
-        """Tell every replica to reload its models; see `Invalidations`."""
-        await self.invalidations.invalidate_models(
-            element, op, job_id=job_id, version=version
-        )
-
-    async def invalidate_backends(
-        self,
-        element: str | None = None,
-        op: OpType | None = None,
-        *,
-        job_id: str | None = None,
-        version: int | None = None,
-    ) -> None:
-        """Tell every replica to reload its backends; see `Invalidations`."""
-        await self.invalidations.invalidate_backends(
-            element, op, job_id=job_id, version=version
-        )
-
-    async def handle_invalidation(
-        self, subject: str, message: InvalidationMessage
-    ) -> None:
-        """Run the hooks of the invalidation received on `subject`."""
-        await self.invalidations.handle_invalidation(subject, message)
-
     # Owned operations -------------------------------------------------------
 
     async def start_operation(
@@ -655,34 +610,6 @@ class OperationsService:
         """Stop every operation this replica runs, marking each failed with
         `reason`; see `OperationRunner.stop`."""
         await self.runner.stop(reason, grace_period)
-
-    async def answer_sync(self, subject: str, message: SyncRequestMessage) -> None:
-        """Publish the held status of every job this replica runs, with its
-        version unchanged, for the replica that asked.
-
-        Peers that hold that version already ignore the message.
-        """
-        if message.origin == self.replica_id or self.channel is None:
-            return
-        for job_id in self.owned_jobs:
-            held = self._held.get(job_id)
-            if held is None or held.version is None:
-                continue
-            progress = ProgressMessage(
-                job_id=job_id,
-                status=held.status,
-                origin=self.replica_id,
-                version=held.version,
-            )
-            try:
-                await self.channel.publish(self.subjects.progress(job_id), progress)
-            except (BusError, CodecError) as exc:
-                logger.warning(
-                    "status of job %r not sent to starting replica %r: %s",
-                    job_id,
-                    message.origin,
-                    exc,
-                )
 
     @property
     def owned_jobs(self) -> list[str]:

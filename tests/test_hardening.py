@@ -336,12 +336,12 @@ async def test_cancelled_hook_keeps_subscription(
         # A new NATS subscription may miss messages for a moment: probe first.
         async with asyncio.timeout(10):
             while "probe" not in seen:
-                await a.operations.invalidate_models("probe")
+                await a.operations.invalidations.invalidate_models("probe")
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.05):
                         await arrived.wait()
-        await a.operations.invalidate_models("first")
-        await a.operations.invalidate_models("second")
+        await a.operations.invalidations.invalidate_models("first")
+        await a.operations.invalidations.invalidate_models("second")
         async with asyncio.timeout(5):
             while "second" not in seen:
                 arrived.clear()

@@ -163,7 +163,7 @@ async def test_invalidation_crosses_nats(make_replica: ReplicaFactory) -> None:
     seen: list[InvalidationMessage] = []
     b.on_models_invalidated(seen.append)
 
-    await a.operations.invalidate_models("model-a", OpType.UPGRADE)
+    await a.invalidate_models("model-a", OpType.UPGRADE)
 
     await eventually(lambda: len(seen) == 1)
     assert seen[0].element == "model-a"

@@ -239,7 +239,7 @@ async def test_models_invalidation_reaches_hooks(cluster: Cluster) -> None:
     a.on_models_invalidated(seen_a.append)
     b.on_models_invalidated(seen_b.append)
 
-    await a.operations.invalidate_models("model-a", OpType.DELETE)
+    await a.operations.invalidations.invalidate_models("model-a", OpType.DELETE)
     await cluster.settle()
 
     assert [(m.element, m.op) for m in seen_b] == [("model-a", OpType.DELETE)]
@@ -256,7 +256,7 @@ async def test_backends_invalidation_fires_in_time(cluster: Cluster) -> None:
 
     b.on_backends_invalidated(reload_backends)
 
-    await a.operations.invalidate_backends()
+    await a.operations.invalidations.invalidate_backends()
 
     async with asyncio.timeout(2):
         await fired.wait()
@@ -266,8 +266,8 @@ async def test_invalidation_without_hooks_succeeds(cluster: Cluster) -> None:
     a = await cluster.add("a")
     b = await cluster.add("b")
 
-    await a.operations.invalidate_models("model-a", OpType.INSTALL)
-    await a.operations.invalidate_backends()
+    await a.operations.invalidations.invalidate_models("model-a", OpType.INSTALL)
+    await a.operations.invalidations.invalidate_backends()
     await cluster.settle()
 
     assert a.channel is not None
@@ -288,8 +288,10 @@ async def test_failing_hook_does_not_stop_others(
     a.on_models_invalidated(broken)
     a.on_models_invalidated(lambda message: seen.append(message.element))
 
-    await a.operations.invalidate_models("model-a", job_id="job-a", version=3)
-    await a.operations.invalidate_models("model-b")
+    await a.operations.invalidations.invalidate_models(
+        "model-a", job_id="job-a", version=3
+    )
+    await a.operations.invalidations.invalidate_models("model-b")
     await cluster.settle()
 
     assert seen == ["model-a", "model-b"]
@@ -551,7 +553,9 @@ async def test_versioned_invalidation_runs_once(cluster: Cluster) -> None:
     plain = InvalidationMessage(element="m")
 
     for message in (versioned, versioned, plain, plain):
-        await a.operations.handle_invalidation(a.subjects.invalidate_models, message)
+        await a.operations.invalidations.handle_invalidation(
+            a.subjects.invalidate_models, message
+        )
 
     assert seen == ["m", "m", "m"]
 
