@@ -27,8 +27,12 @@ logger = logging.getLogger(__name__)
 InvalidationHook = Callable[[InvalidationMessage], Awaitable[None] | None]
 """Called with each invalidation received, this replica's own included."""
 
-MAX_SEEN_INVALIDATIONS = 1000
-"""Invalidations with a version remembered to run their hooks only once."""
+MAX_SEEN_INVALIDATIONS = 10_000
+"""Invalidations with a version remembered to run their hooks only once. Those
+of a job are forgotten when it leaves memory, so this bounds only a burst of
+completions within one retention period."""
+
+_SeenKey = tuple[str, str | None, str | None, str | None, OpType | None, int]
 
 
 class Invalidations:
@@ -48,9 +52,8 @@ class Invalidations:
         self.channel = channel
         self._model_hooks: list[InvalidationHook] = []
         self._backend_hooks: list[InvalidationHook] = []
-        self._seen: collections.OrderedDict[
-            tuple[str, str | None, str | None, str | None, OpType | None, int], None
-        ] = collections.OrderedDict()
+        self._seen: collections.OrderedDict[_SeenKey, None] = collections.OrderedDict()
+        self._seen_by_job: dict[str, set[_SeenKey]] = {}
 
     def on_models_invalidated(self, hook: InvalidationHook) -> Callable[[], None]:
         """Call `hook` on every models invalidation; return a function removing it."""
@@ -112,25 +115,17 @@ class Invalidations:
         else:
             return
         if message.version is not None:
-            # A job id and version name one end of one operation, whatever
-            # element name a resync reads back from the store for it.
             key = (
-                (subject, message.job_id, None, None, None, message.version)
-                if message.job_id is not None
-                else (
-                    subject,
-                    None,
-                    message.origin,
-                    message.element,
-                    message.op,
-                    message.version,
-                )
+                subject,
+                message.job_id,
+                message.origin,
+                message.element,
+                message.op,
+                message.version,
             )
             if key in self._seen:
                 return
-            self._seen[key] = None
-            while len(self._seen) > MAX_SEEN_INVALIDATIONS:
-                self._seen.popitem(last=False)
+            self._remember(key)
         for hook in list(hooks):
             try:
                 result = hook(message)
@@ -148,10 +143,22 @@ class Invalidations:
                 )
 
     def forget_job(self, job_id: str) -> None:
-        """Forget the invalidations of `job_id` seen so far, because a new run
-        under the same id starts its versions again."""
-        for key in [key for key in self._seen if key[1] == job_id]:
-            del self._seen[key]
+        """Forget the invalidations of `job_id` seen so far, once the job left
+        memory or a new run under the same id starts its versions again."""
+        for key in self._seen_by_job.pop(job_id, ()):
+            self._seen.pop(key, None)
+
+    def _remember(self, key: _SeenKey) -> None:
+        self._seen[key] = None
+        if key[1] is not None:
+            self._seen_by_job.setdefault(key[1], set()).add(key)
+        while len(self._seen) > MAX_SEEN_INVALIDATIONS:
+            oldest, _ = self._seen.popitem(last=False)
+            if oldest[1] is not None:
+                keys = self._seen_by_job.get(oldest[1], set())
+                keys.discard(oldest)
+                if not keys:
+                    self._seen_by_job.pop(oldest[1], None)
 
     async def _invalidate(
         self,

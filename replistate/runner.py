@@ -342,8 +342,13 @@ class OperationRunner:
                 else service.invalidations.invalidate_models
             )
             version = service.version_of(job_id)
+            # The element as the stored row names it, which the work may have
+            # changed, so that a resync replaying this invalidation sends the
+            # same one and the hooks run once.
+            ended = service.get_status(job_id)
+            element = ended.gallery_element_name if ended else handle.element_name
             await invalidate(
-                handle.element_name or None,
+                element or None,
                 handle.op_type,
                 job_id=job_id,
                 version=version,

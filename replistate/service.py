@@ -439,6 +439,7 @@ class OperationsService:
         if self._held.pop(job_id, None) is not None:
             self._changed(job_id, None)
         self._terminal_since.pop(job_id, None)
+        self.invalidations.forget_job(job_id)
 
     def _apply(self, job_id: str, status: OpStatus, version: int | None) -> bool:
         held = self._held.get(job_id)
@@ -504,6 +505,10 @@ class OperationsService:
             self.op_types.pop(job_id, None)
             self.opcache.discard(job_id)
             self._pruned[job_id] = None
+            # A resync replays hooks only for held jobs, so the pruned job's
+            # invalidations need no more remembering, and a later run under the
+            # same id must run its own.
+            self.invalidations.forget_job(job_id)
         while len(self._pruned) > MAX_PRUNED_JOBS:
             self._pruned.popitem(last=False)
         return len(expired)

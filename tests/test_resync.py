@@ -632,3 +632,62 @@ async def test_periodic_resync_replays_lost_invalidation() -> None:
     assert lost == {"a": [], "b": []}
     assert runs == {"a": [job_id], "b": [job_id]}
     assert broker.counts["drop"] == 2
+
+
+async def test_periodic_resync_runs_live_hooks_once() -> None:
+    """Hooks that ran on the live invalidation do not run again when later
+    resyncs replay recent completions."""
+    cluster = ReplicaCluster(
+        defaults={"resync_interval": 0.1, "start_resync_delay": None}
+    )
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    runs: list[str | None] = []
+    b.on_models_invalidated(lambda message: runs.append(message.element))
+
+    async def install(handle: OperationHandle) -> None:
+        await handle.update(progress=50.0)
+
+    for element in ("m1", "m2", "m3"):
+        await a.operations.start_operation(
+            f"gallery@{element}", install, element_name=element
+        )
+    await eventually(lambda: len(runs) == 3)
+    assert b.resyncer is not None
+    resyncs_before = b.resyncer.runs
+    await eventually(
+        lambda: b.resyncer is not None and b.resyncer.runs >= resyncs_before + 3
+    )
+    await cluster.stop()
+
+    assert sorted(runs) == ["m1", "m2", "m3"]
+
+
+async def test_reused_job_id_reloads_peers_again() -> None:
+    """A job id used again after its first run was pruned and its row cleaned
+    up reloads the models on peers again."""
+    cluster = ReplicaCluster(
+        defaults={"retention": 0.1, "reap_interval": 0.05, "start_resync_delay": None}
+    )
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    runs: list[str | None] = []
+    b.on_models_invalidated(lambda message: runs.append(message.job_id))
+
+    async def install(handle: OperationHandle) -> None:
+        await handle.update(progress=50.0)
+
+    for _ in range(2):
+        await a.operations.start_operation(
+            "gallery@m", install, element_name="m", job_id="install-1"
+        )
+        await eventually(lambda: len(runs) >= 1)
+        await eventually(lambda: b.operations.get_status("install-1") is None)
+        await eventually(lambda: a.operations.get_status("install-1") is None)
+        await cluster.flush_writes()
+        assert isinstance(cluster.store, InMemoryStore)
+        cluster.store.rows.pop("install-1")
+    await eventually(lambda: len(runs) == 2)
+    await cluster.stop()
+
+    assert runs == ["install-1", "install-1"]
