@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from replistate.bus.base import raised_by_callback
 from replistate.codec import CancelMessage
 from replistate.errors import BusError, StoreError
+from replistate.models import OperationRecord
 from replistate.subjects import validate_job_id
 
 if TYPE_CHECKING:
@@ -96,8 +97,15 @@ class CancelRouter:
         try:
             await service.channel.publish(service.subjects.cancel(job_id), message)
         except BusError as exc:
-            if storing is None or not await storing:
+            row = await storing if storing is not None else None
+            if row is None:
                 raise
+            # With the bus down, the status held here may be stale: the stored
+            # row tells whether the owner will act on the intent.
+            if row.status.terminal:
+                return CancelOutcome.TOO_LATE
+            if not row.cancellable:
+                return CancelOutcome.NOT_CANCELLABLE
             logger.warning(
                 "cancel of job %r stored but not sent, so its owner finds it at "
                 "its next check: %s",
@@ -111,19 +119,18 @@ class CancelRouter:
 
         return CancelOutcome.ACCEPTED
 
-    async def _store_intent(self, job_id: str) -> bool:
-        """Store the cancel intent of `job_id`; return whether a row took it."""
+    async def _store_intent(self, job_id: str) -> OperationRecord | None:
+        """Store the cancel intent of `job_id`; return the row that took it."""
         assert self.service.store is not None
         try:
-            row = await self.service.store.request_cancel(job_id)
+            return await self.service.store.request_cancel(job_id)
         except StoreError as exc:
             logger.warning(
                 "cancel intent of job %r not stored, sent on the bus only: %s",
                 job_id,
                 exc,
             )
-            return False
-        return row is not None
+            return None
 
     async def handle_cancel(self, subject: str, message: CancelMessage) -> None:
         """Run the cancel function of a job if it is registered on this replica."""

@@ -304,3 +304,28 @@ async def test_cancel_with_bus_down_is_stored(cluster: Cluster) -> None:
 
     assert outcome is CancelOutcome.ACCEPTED
     assert cluster.store.rows[job_id].cancel_requested is True
+
+
+async def test_cancel_with_bus_down_after_end_is_too_late(cluster: Cluster) -> None:
+    """With its bus down, a replica still holds a job as running after it ended;
+    the stored row shows the cancel comes too late."""
+    a = await add(cluster, "a")
+    b = await add(cluster, "b")
+    release = asyncio.Event()
+
+    async def install(handle: OperationHandle) -> None:
+        await release.wait()
+
+    job_id = await a.operations.start_operation("gallery@m", install)
+    await eventually(lambda: b.opcache.get("gallery@m") == job_id)
+    assert isinstance(b.bus, InMemoryBus)
+    b.bus.disconnect()
+    release.set()
+    await eventually(lambda: cluster.store.rows[job_id].status is OpState.COMPLETED)
+    held = b.operations.get_status(job_id)
+
+    outcome = await b.operations.cancel(job_id)
+
+    assert held is not None
+    assert held.terminal is False
+    assert outcome is CancelOutcome.TOO_LATE
