@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -13,7 +12,7 @@ import attrs
 from replistate.store.base import ACTIVE_WINDOW
 from replistate.subjects import DEFAULT_CACHE_PREFIX, DEFAULT_PREFIX
 
-__all__ = ["MIN_PERIOD", "ReplicaConfig"]
+__all__ = ["MAX_PERIOD", "MIN_PERIOD", "ReplicaConfig"]
 
 
 def _new_replica_id() -> str:
@@ -30,25 +29,30 @@ MIN_PERIOD = 0.01
 wakes more often only burns CPU."""
 
 
+MAX_PERIOD = 10 * 365 * 24 * 3600.0
+"""Longest duration of any setting, in seconds: ten years, far from the
+overflow of a datetime plus a longer `timedelta`."""
+
+
 def _seconds(
-    minimum: float, *, optional: bool = False
+    minimum: float, *, duration: bool = False, optional: bool = False
 ) -> Callable[[object, attrs.Attribute[Any], Any], None]:
-    """Return a validator of a finite number of seconds, or a `timedelta`, of at
-    least `minimum`, which with `optional` also lets None pass."""
+    """Return a validator of a number of seconds, or with `duration` of a
+    `timedelta`, from `minimum` to `MAX_PERIOD`; with `optional` None passes."""
+    expected = "a timedelta" if duration else "a number of seconds"
 
     def check(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
         if value is None and optional:
             return
-        seconds = value.total_seconds() if isinstance(value, timedelta) else value
-        if (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, int | float)
-            or not math.isfinite(seconds)
-            or seconds < minimum
-        ):
+        if duration:
+            seconds = value.total_seconds() if isinstance(value, timedelta) else None
+        else:
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            seconds = value if number else None
+        if seconds is None or not minimum <= seconds <= MAX_PERIOD:
             raise ValueError(
-                f"invalid {attribute.name} {value!r}: expected a finite number of "
-                f"seconds of at least {minimum:g}"
+                f"invalid {attribute.name} {value!r}: expected {expected} from "
+                f"{minimum:g} s to {MAX_PERIOD:.0f} s"
             )
 
     return check
@@ -96,7 +100,7 @@ class ReplicaConfig:
     subject_prefix: str = DEFAULT_PREFIX
     cache_prefix: str = DEFAULT_CACHE_PREFIX
     active_window: timedelta = attrs.field(
-        default=ACTIVE_WINDOW, validator=_seconds(MIN_PERIOD)
+        default=ACTIVE_WINDOW, validator=_seconds(MIN_PERIOD, duration=True)
     )
     max_payload: int | None = None
     create_schema: bool = True
@@ -112,7 +116,7 @@ class ReplicaConfig:
         default=0.5, validator=_seconds(0, optional=True)
     )
     lease: timedelta = attrs.field(
-        default=timedelta(seconds=15), validator=_seconds(MIN_PERIOD)
+        default=timedelta(seconds=15), validator=_seconds(MIN_PERIOD, duration=True)
     )
     reap_interval: float = attrs.field(default=5.0, validator=_seconds(MIN_PERIOD))
     retention: float = attrs.field(default=300.0, validator=_seconds(0))

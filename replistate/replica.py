@@ -222,6 +222,8 @@ class Replica:
         """
         if self._starting:
             self._stop_requested = True
+            # Waiting for owners' answers is pointless now.
+            self._owners_answered.set()
             return
         if not self._started:
             return

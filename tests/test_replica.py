@@ -169,6 +169,10 @@ def test_config_rejects_bad_prefix() -> None:
         ("write_interval", -1.0),
         ("retention", float("inf")),
         ("sync_wait", True),
+        ("lease", 15),
+        ("lease", timedelta(days=999_999_999)),
+        ("reap_interval", timedelta(seconds=5)),
+        ("retention", 1e300),
     ],
 )
 def test_config_rejects_bad_durations(setting: str, value: object) -> None:
@@ -262,3 +266,35 @@ async def test_late_replica_shows_current_progress() -> None:
     assert shown is not None
     assert shown.progress == 30.0
     assert b.operations.version_of(job_id) == a.operations.version_of(job_id)
+
+
+async def test_stop_ends_wait_for_owners() -> None:
+    """A stop during start does not wait for owners that do not answer."""
+    broker, store = InMemoryBroker(), InMemoryStore()
+    a = Replica(ReplicaConfig(replica_id="a"), bus=broker.connect(), store=store)
+    await a.start()
+    job_id = await a.operations.start_operation("gallery@m", block_forever)
+    assert a.operations.writer is not None
+    await a.operations.writer.flush()
+    assert a.bus is not None
+    a.bus.disconnect()  # type: ignore[attr-defined]
+    b = Replica(
+        ReplicaConfig(replica_id="b", sync_wait=60.0),
+        bus=broker.connect(),
+        store=store,
+    )
+
+    starting = asyncio.create_task(b.start())
+    await eventually(lambda: b.operations.get_status(job_id) is not None)
+    await b.stop()
+    async with asyncio.timeout(10):
+        await starting
+
+    assert b.ready is False
+    assert b.bus is not None
+    assert b.bus.connected is False
+    await a.stop()
+
+
+async def block_forever(handle: OperationHandle) -> None:
+    await asyncio.Event().wait()
