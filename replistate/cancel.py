@@ -101,11 +101,10 @@ class CancelRouter:
             if row is None:
                 raise
             # With the bus down, the status held here may be stale: the stored
-            # row tells whether the owner will act on the intent.
+            # row tells whether the job already ended. A job not cancellable
+            # now is cancelled by its owner once it is again.
             if row.status.terminal:
                 return CancelOutcome.TOO_LATE
-            if not row.cancellable:
-                return CancelOutcome.NOT_CANCELLABLE
             logger.warning(
                 "cancel of job %r stored but not sent, so its owner finds it at "
                 "its next check: %s",

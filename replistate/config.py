@@ -29,8 +29,8 @@ MIN_PERIOD = 0.01
 wakes more often only burns CPU."""
 
 
-MAX_PERIOD = 10 * 365 * 24 * 3600.0
-"""Longest duration of any setting, in seconds: ten years, far from the
+MAX_PERIOD = 3650 * 24 * 3600.0
+"""Longest duration of any setting, in seconds: 3,650 days, far from the
 overflow of a datetime plus a longer `timedelta`."""
 
 

@@ -104,9 +104,9 @@ class Invalidations:
     ) -> None:
         """Run the hooks of the invalidation received on `subject`.
 
-        An invalidation caused by an operation carries its job id and version. The
-        same one seen twice, live and again from a resync, or replayed by the bus
-        after a reconnect, runs the hooks once.
+        An invalidation caused by an operation carries its job id and version, and
+        one operation sends one. The same one seen twice, live and again from a
+        resync, or replayed by the bus after a reconnect, runs the hooks once.
         """
         if subject == self.subjects.invalidate_models:
             hooks = self._model_hooks
@@ -115,13 +115,20 @@ class Invalidations:
         else:
             return
         if message.version is not None:
+            # The end of one operation is named by its job id and version. The
+            # element is left out, because a resync's replay takes it from the
+            # stored row, which may name it otherwise than the live message.
             key = (
-                subject,
-                message.job_id,
-                message.origin,
-                message.element,
-                message.op,
-                message.version,
+                (subject, message.job_id, None, None, message.op, message.version)
+                if message.job_id is not None
+                else (
+                    subject,
+                    None,
+                    message.origin,
+                    message.element,
+                    message.op,
+                    message.version,
+                )
             )
             if key in self._seen:
                 return

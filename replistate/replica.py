@@ -273,6 +273,10 @@ class Replica:
             waiting.clear()
             return
         self._owners_answered.clear()
+        if self._stop_requested:
+            # stop() came before the wait began, so it could not end it.
+            waiting.clear()
+            return
         request = SyncRequestMessage(origin=self.replica_id)
         try:
             await self.channel.publish(self.subjects.sync, request)

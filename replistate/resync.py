@@ -302,7 +302,10 @@ class Resyncer:
         recent = self.operations.completed_since(since)
         for start in range(0, len(recent), 500):
             for row in await self.store.get_many(recent[start : start + 500]):
-                if row.status is OpState.COMPLETED:
+                # A job pruned while the rows were read has had its seen
+                # invalidations forgotten, so replaying it would run them again.
+                held = self.operations.get_status(row.id)
+                if row.status is OpState.COMPLETED and held is not None:
                     await self._invalidate_for(row)
 
     async def _ended(self, row: OperationRecord) -> None:

@@ -329,3 +329,35 @@ async def test_cancel_with_bus_down_after_end_is_too_late(cluster: Cluster) -> N
     assert held is not None
     assert held.terminal is False
     assert outcome is CancelOutcome.TOO_LATE
+
+
+async def test_bus_down_cancel_waits_for_cancellable(cluster: Cluster) -> None:
+    """A cancel stored while the job is briefly not cancellable is accepted, and
+    the owner carries it out once the job allows it again."""
+    a = await add(cluster, "a")
+    b = await add(cluster, "b")
+    critical = asyncio.Event()
+    release = asyncio.Event()
+
+    async def install(handle: OperationHandle) -> None:
+        await handle.update(progress=10.0)
+        await eventually(lambda: b.opcache.get("gallery@m") == handle.job_id)
+        assert isinstance(b.bus, InMemoryBus)
+        b.bus.disconnect()
+        await handle.update(progress=20.0, cancellable=False)
+        critical.set()
+        await release.wait()
+        await handle.update(progress=30.0, cancellable=True)
+        await asyncio.Event().wait()
+
+    job_id = await a.operations.start_operation("gallery@m", install)
+    await critical.wait()
+    assert a.operations.writer is not None
+    await a.operations.writer.flush()
+    outcome = await b.operations.cancel(job_id)
+    release.set()
+    await eventually(
+        lambda: (a.operations.get_status(job_id) or OpStatus()).cancelled, 5
+    )
+
+    assert outcome is CancelOutcome.ACCEPTED

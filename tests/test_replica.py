@@ -298,3 +298,41 @@ async def test_stop_ends_wait_for_owners() -> None:
 
 async def block_forever(handle: OperationHandle) -> None:
     await asyncio.Event().wait()
+
+
+async def test_stop_while_hydrating_skips_wait() -> None:
+    """A stop that arrives while the store is read does not wait for owners."""
+    broker, store = InMemoryBroker(), InMemoryStore()
+    a = Replica(ReplicaConfig(replica_id="a"), bus=broker.connect(), store=store)
+    await a.start()
+    await a.operations.start_operation("gallery@m", block_forever)
+    assert a.operations.writer is not None
+    await a.operations.writer.flush()
+    assert a.bus is not None
+    a.bus.disconnect()  # type: ignore[attr-defined]
+    reading = asyncio.Event()
+    release = asyncio.Event()
+    original_list = store.list_active
+
+    async def slow_list(*args: Any, **kwargs: Any) -> list[OperationRecord]:
+        reading.set()
+        await release.wait()
+        return await original_list(*args, **kwargs)
+
+    store.list_active = slow_list  # type: ignore[method-assign]
+    b = Replica(
+        ReplicaConfig(replica_id="b", sync_wait=60.0),
+        bus=broker.connect(),
+        store=store,
+    )
+
+    starting = asyncio.create_task(b.start())
+    await reading.wait()
+    await b.stop()
+    release.set()
+    async with asyncio.timeout(10):
+        await starting
+
+    assert b.ready is False
+    store.list_active = original_list  # type: ignore[method-assign]
+    await a.stop()

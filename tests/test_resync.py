@@ -520,8 +520,8 @@ async def test_resync_before_first_row_keeps_peer_job() -> None:
 
 @pytest.mark.parametrize(
     ("element_name", "renamed"),
-    [("m", "m-renamed"), ("x" * 9000, None), ("m\x00n", None)],
-    ids=["renamed-by-work", "cut-to-limit", "with-nul"],
+    [("m", "m-renamed"), ("m", ""), ("x" * 9000, None), ("m\x00n", None)],
+    ids=["renamed-by-work", "cleared-by-work", "cut-to-limit", "with-nul"],
 )
 async def test_reconnect_replay_runs_hook_once(
     element_name: str, renamed: str | None
@@ -691,3 +691,48 @@ async def test_reused_job_id_reloads_peers_again() -> None:
     await cluster.stop()
 
     assert runs == ["install-1", "install-1"]
+
+
+async def test_prune_during_replay_runs_no_hook_again() -> None:
+    """A job pruned while a resync reads its row is not replayed, because its
+    seen invalidations went with it."""
+    cluster = ReplicaCluster(
+        defaults={
+            "retention": 0.2,
+            "reap_interval": 0.05,
+            "resync_interval": None,
+            "start_resync_delay": None,
+        }
+    )
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    runs: list[str | None] = []
+    b.on_models_invalidated(lambda message: runs.append(message.element))
+
+    async def install(handle: OperationHandle) -> None:
+        await handle.update(progress=50.0)
+
+    job_id = await a.operations.start_operation("gallery@m", install, element_name="m")
+    await eventually(lambda: runs == ["m"])
+    await cluster.flush_writes()
+    store = cluster.store
+    original_get_many = store.get_many
+    reads = 0
+
+    async def slow_get_many(job_ids: list[str]) -> list[OperationRecord]:
+        # The resync reads ended jobs twice: to check their ends, then to
+        # replay their hooks. The prune lands in the second read.
+        nonlocal reads
+        reads += 1
+        rows = await original_get_many(job_ids)
+        if reads == 2:
+            await eventually(lambda: b.operations.get_status(job_id) is None, 5)
+        return rows
+
+    store.get_many = slow_get_many  # type: ignore[method-assign]
+    assert b.resyncer is not None
+    await b.resyncer.resync("test", ended_since=0.0)
+    await cluster.stop()
+
+    assert reads == 2
+    assert runs == ["m"]

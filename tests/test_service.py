@@ -878,20 +878,3 @@ async def test_reused_job_id_reloads_again() -> None:
     await replica.stop()
 
     assert runs == ["install-1", "install-1"]
-
-
-async def test_invalidations_of_one_job_each_run_hooks(cluster: Cluster) -> None:
-    """One job may invalidate several elements at the same version; each runs
-    the hooks."""
-    a = await cluster.add("a")
-    b = await cluster.add("b")
-    runs: list[str | None] = []
-    b.on_models_invalidated(lambda message: runs.append(message.element))
-
-    for element in ("model-x", "model-y"):
-        await a.operations.invalidations.invalidate_models(
-            element, job_id="bundle-1", version=4
-        )
-    await cluster.settle()
-
-    assert runs == ["model-x", "model-y"]
