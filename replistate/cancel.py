@@ -6,7 +6,7 @@ other replica is stored as intent and published on the job's cancel subject. The
 owner runs it when the message arrives, or finds the stored intent at its next
 check when it missed the message.
 
-Every cancel, the owner's included, respects the `cancellable` flag the job holds
+Every cancel, the owner's included, respects the `cancellable` flag the job has
 at that moment, because the work decides when it may be stopped.
 """
 
@@ -101,7 +101,7 @@ class CancelRouter:
             if row is None:
                 raise
             # With the bus down, the status held here may be stale: the stored
-            # row tells whether the job already ended. A job not cancellable
+            # row shows whether the job already ended. A job not cancellable
             # now is cancelled by its owner once it is again.
             if row.status.terminal:
                 return CancelOutcome.TOO_LATE

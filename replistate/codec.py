@@ -109,7 +109,7 @@ class SyncRequestMessage:
     """Payload of `<prefix>.sync`, replistate's own subject: a replica that just
     hydrated asks the owners to publish the current status of their jobs.
 
-    The store holds progress only as of the last coalesced write, so a replica
+    The store has progress only as of the last coalesced write, so a replica
     that starts mid-operation would otherwise show an older progress than its
     peers until the next tick.
     """

@@ -91,7 +91,7 @@ class ReplicaConfig:
             subscriptions took effect.
         sync_wait: seconds `start` waits, after hydrating, for the owners of the
             running jobs it read to publish their current status; None to not
-            ask. The store holds progress only as of the last coalesced write,
+            ask. The store has progress only as of the last coalesced write,
             so without it a replica that starts mid-operation shows an older
             progress than its peers until the next tick.
     """
