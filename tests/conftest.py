@@ -27,6 +27,7 @@ from replistate import (
     InMemoryStore,
     MessageBus,
     NatsBus,
+    OperationHandle,
     PostgresGalleryStore,
     Replica,
     ReplicaConfig,
@@ -252,3 +253,20 @@ async def unstarted_replica(
     for replica in replicas:
         await replica.stop()
     await drop_table(postgres_url, table_name)
+
+
+def record_reloads(*replicas: Replica) -> dict[str, list[str | None]]:
+    """Record, per replica id, the job id of each models invalidation its hooks
+    receive."""
+    runs: dict[str, list[str | None]] = {}
+    for replica in replicas:
+        seen = runs.setdefault(replica.replica_id, [])
+        replica.on_models_invalidated(
+            lambda message, seen=seen: seen.append(message.job_id)
+        )
+    return runs
+
+
+async def report_half(handle: OperationHandle) -> None:
+    """Work that reports 50 % once, then completes."""
+    await handle.update(progress=50.0)

@@ -26,7 +26,16 @@ from replistate._servers import ThrowawayNats
 from replistate.codec import InvalidationMessage, ProgressMessage, encode
 from replistate.testing import FaultyBroker, ReplicaCluster
 
-from .conftest import Cluster, drop_table, eventually
+from .conftest import Cluster, drop_table, eventually, record_reloads, report_half
+
+QUICK_PRUNE: dict[str, Any] = {
+    "retention": 0.2,
+    "reap_interval": 0.05,
+    "start_resync_delay": None,
+    "resync_interval": None,
+}
+"""Settings under which an ended job leaves memory within a fraction of a second
+and only an explicit request resyncs."""
 
 
 def bus_of(replica: Replica) -> InMemoryBus:
@@ -533,12 +542,7 @@ async def test_reconnect_replay_runs_hook_once(
     )
     a = await cluster.add("a")
     b = await cluster.add("b")
-    runs: dict[str, list[str | None]] = {"a": [], "b": []}
-    for replica in (a, b):
-        seen = runs[replica.replica_id]
-        replica.on_models_invalidated(
-            lambda message, seen=seen: seen.append(message.job_id)
-        )
+    runs = record_reloads(a, b)
 
     async def work(handle: OperationHandle) -> None:
         if renamed is not None:
@@ -568,12 +572,7 @@ async def test_late_tick_after_prune_is_repaired() -> None:
     broker = FaultyBroker(seed=1)
     cluster = ReplicaCluster(
         broker=broker,
-        defaults={
-            "retention": 0.2,
-            "reap_interval": 0.05,
-            "start_resync_delay": None,
-            "resync_interval": None,
-        },
+        defaults=QUICK_PRUNE,
     )
     a = await cluster.add("a")
     b = await cluster.add("b")
@@ -611,17 +610,10 @@ async def test_periodic_resync_replays_lost_invalidation() -> None:
     )
     a = await cluster.add("a")
     b = await cluster.add("b")
-    runs: dict[str, list[str | None]] = {"a": [], "b": []}
-    for replica in (a, b):
-        seen = runs[replica.replica_id]
-        replica.on_models_invalidated(
-            lambda message, seen=seen: seen.append(message.job_id)
-        )
+    runs = record_reloads(a, b)
     broker.drop(a.subjects.invalidate_models)
 
-    async def install(handle: OperationHandle) -> None:
-        await handle.update(progress=50.0)
-
+    install = report_half
     job_id = await a.operations.start_operation("gallery@m", install, element_name="m")
     await eventually(lambda: (b.operations.get_status(job_id) or OpStatus()).terminal)
     lost = {name: list(seen) for name, seen in runs.items()}
@@ -645,9 +637,7 @@ async def test_periodic_resync_runs_live_hooks_once() -> None:
     runs: list[str | None] = []
     b.on_models_invalidated(lambda message: runs.append(message.element))
 
-    async def install(handle: OperationHandle) -> None:
-        await handle.update(progress=50.0)
-
+    install = report_half
     for element in ("m1", "m2", "m3"):
         await a.operations.start_operation(
             f"gallery@{element}", install, element_name=element
@@ -674,9 +664,7 @@ async def test_reused_job_id_reloads_peers_again() -> None:
     runs: list[str | None] = []
     b.on_models_invalidated(lambda message: runs.append(message.job_id))
 
-    async def install(handle: OperationHandle) -> None:
-        await handle.update(progress=50.0)
-
+    install = report_half
     for _ in range(2):
         await a.operations.start_operation(
             "gallery@m", install, element_name="m", job_id="install-1"
@@ -696,22 +684,13 @@ async def test_reused_job_id_reloads_peers_again() -> None:
 async def test_prune_during_replay_runs_no_hook_again() -> None:
     """A job pruned while a resync reads its row is not replayed, because its
     seen invalidations went with it."""
-    cluster = ReplicaCluster(
-        defaults={
-            "retention": 0.2,
-            "reap_interval": 0.05,
-            "resync_interval": None,
-            "start_resync_delay": None,
-        }
-    )
+    cluster = ReplicaCluster(defaults=QUICK_PRUNE)
     a = await cluster.add("a")
     b = await cluster.add("b")
     runs: list[str | None] = []
     b.on_models_invalidated(lambda message: runs.append(message.element))
 
-    async def install(handle: OperationHandle) -> None:
-        await handle.update(progress=50.0)
-
+    install = report_half
     job_id = await a.operations.start_operation("gallery@m", install, element_name="m")
     await eventually(lambda: runs == ["m"])
     await cluster.flush_writes()

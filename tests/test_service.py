@@ -25,7 +25,7 @@ from replistate import (
 )
 from replistate.codec import InvalidationMessage, ProgressMessage, encode
 
-from .conftest import Cluster, eventually
+from .conftest import Cluster, eventually, record_reloads, report_half
 
 NODE_A = NodeProgress(node_id="node-a", status=NodeState.DOWNLOADING, percentage=10)
 NODE_B = NodeProgress(node_id="node-b", status=NodeState.QUEUED)
@@ -565,16 +565,9 @@ async def test_second_install_of_element_reloads_again(cluster: Cluster) -> None
     version; the second still reloads the models on every replica."""
     a = await cluster.add("a")
     b = await cluster.add("b")
-    reloads: dict[str, list[str | None]] = {"a": [], "b": []}
-    for replica in (a, b):
-        seen = reloads[replica.replica_id]
-        replica.on_models_invalidated(
-            lambda message, seen=seen: seen.append(message.job_id)
-        )
+    reloads = record_reloads(a, b)
 
-    async def install(handle: OperationHandle) -> None:
-        await handle.update(progress=50.0)
-
+    install = report_half
     first = await a.operations.start_operation(
         "gallery@m", install, element_name="m", job_id="install-1"
     )
@@ -867,9 +860,7 @@ async def test_reused_job_id_reloads_again() -> None:
     runs: list[str | None] = []
     replica.on_models_invalidated(lambda message: runs.append(message.job_id))
 
-    async def install(handle: OperationHandle) -> None:
-        await handle.update(progress=50.0)
-
+    install = report_half
     for _ in range(2):
         await replica.operations.start_operation(
             "gallery@m", install, element_name="m", job_id="install-1"
