@@ -112,9 +112,10 @@ class OperationRunner:
             )
         # Claim the key with no await since it was checked, so a second request
         # on this replica finds it taken.
-        # NOTE: a peer that still remembers an earlier run under a reused job id
-        # ignores the new run's start event, and runs no hook for an end whose
-        # version equals the old one's, until it forgets the old run.
+        # NOTE: a peer that still remembers the end of an earlier run under a
+        # reused job id ignores the new run's OpCache start event, and one that
+        # pruned the earlier run does not restore the new run's row in a resync;
+        # its statuses from the bus still apply.
         service.begin_run(job_id)
         service.opcache.restore(OpCacheEntry(cache_key, job_id, is_backend))
         service.op_types[job_id] = op_type
