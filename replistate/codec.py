@@ -106,8 +106,8 @@ class OpCacheEndMessage:
 
 @attrs.frozen(kw_only=True)
 class SyncRequestMessage:
-    """Payload of `<prefix>.sync`, replistate's own subject: a replica that just
-    hydrated asks the owners to publish the current status of their jobs.
+    """Payload of `<prefix>.sync`, replistate's own subject: a request from a
+    replica that just hydrated for the owners to publish their jobs' statuses.
 
     The store has progress only as of the last coalesced write, so a replica
     that starts mid-operation would otherwise show an older progress than its
@@ -340,8 +340,8 @@ def encode(message: object) -> bytes:
 
 
 MAX_DETAIL_CHARACTERS: Final = 200
-"""Longest description of one field's error, so a huge value in a hostile
-payload does not make a huge log line."""
+"""Maximum length of the description of one field's error, so a huge value in a
+hostile payload does not make a huge log line."""
 
 
 def _describe(exc: BaseException, kind: type | None) -> str:

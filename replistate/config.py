@@ -25,12 +25,12 @@ def _non_empty(_: object, attribute: attrs.Attribute[str], value: str) -> None:
 
 
 MIN_PERIOD = 0.01
-"""Shortest lease, reap interval and resync interval, in seconds: a loop that
-wakes more often only burns CPU."""
+"""Minimum lease, reap interval and resync interval, in seconds, because a loop
+that wakes more often only burns CPU."""
 
 
 MAX_PERIOD = 3650 * 24 * 3600.0
-"""Longest duration of any setting, in seconds: 3,650 days, far from the
+"""Maximum duration of any setting, in seconds: 3,650 days, far from the
 overflow of a datetime plus a longer `timedelta`."""
 
 

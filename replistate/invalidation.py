@@ -32,7 +32,7 @@ MAX_SEEN_INVALIDATIONS = 10_000
 of a job are forgotten when it leaves memory, so this bounds only a burst of
 completions within one retention period."""
 
-_SeenKey = tuple[str, str | None, str | None, str | None, OpType | None, int]
+_SeenKey = tuple[str | OpType | int | None, ...]
 
 
 class Invalidations:
@@ -52,7 +52,10 @@ class Invalidations:
         self.channel = channel
         self._model_hooks: list[InvalidationHook] = []
         self._backend_hooks: list[InvalidationHook] = []
-        self._seen: collections.OrderedDict[_SeenKey, None] = collections.OrderedDict()
+        # Each seen key with the job it belongs to, if any, oldest first.
+        self._seen: collections.OrderedDict[_SeenKey, str | None] = (
+            collections.OrderedDict()
+        )
         self._seen_by_job: dict[str, set[_SeenKey]] = {}
 
     def on_models_invalidated(self, hook: InvalidationHook) -> Callable[[], None]:
@@ -118,21 +121,20 @@ class Invalidations:
             # The end of one operation is named by its job id and version. The
             # element is left out, because a resync's replay takes it from the
             # stored row, which may name it otherwise than the live message.
-            key = (
-                (subject, message.job_id, None, None, message.op, message.version)
-                if message.job_id is not None
-                else (
+            key: _SeenKey
+            if message.job_id is not None:
+                key = (subject, message.job_id, message.op, message.version)
+            else:
+                key = (
                     subject,
-                    None,
                     message.origin,
                     message.element,
                     message.op,
                     message.version,
                 )
-            )
             if key in self._seen:
                 return
-            self._remember(key)
+            self._remember(key, message.job_id)
         for hook in list(hooks):
             try:
                 result = hook(message)
@@ -155,17 +157,17 @@ class Invalidations:
         for key in self._seen_by_job.pop(job_id, ()):
             self._seen.pop(key, None)
 
-    def _remember(self, key: _SeenKey) -> None:
-        self._seen[key] = None
-        if key[1] is not None:
-            self._seen_by_job.setdefault(key[1], set()).add(key)
+    def _remember(self, key: _SeenKey, job_id: str | None) -> None:
+        self._seen[key] = job_id
+        if job_id is not None:
+            self._seen_by_job.setdefault(job_id, set()).add(key)
         while len(self._seen) > MAX_SEEN_INVALIDATIONS:
-            oldest, _ = self._seen.popitem(last=False)
-            if oldest[1] is not None:
-                keys = self._seen_by_job.get(oldest[1], set())
+            oldest, oldest_job = self._seen.popitem(last=False)
+            if oldest_job is not None:
+                keys = self._seen_by_job[oldest_job]
                 keys.discard(oldest)
                 if not keys:
-                    self._seen_by_job.pop(oldest[1], None)
+                    del self._seen_by_job[oldest_job]
 
     async def _invalidate(
         self,

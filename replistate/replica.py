@@ -222,7 +222,7 @@ class Replica:
         """
         if self._starting:
             self._stop_requested = True
-            # Waiting for owners' answers is pointless now.
+            # Start-up no longer needs the owners' statuses.
             self._owners_answered.set()
             return
         if not self._started:
@@ -265,26 +265,24 @@ class Replica:
         return count
 
     async def _ask_owners(self) -> None:
-        """Ask the owners of the running jobs just hydrated for their current
-        status, and wait up to `sync_wait` for every one to arrive."""
+        """Request the current status of the running jobs just hydrated from
+        their owners, and wait up to `sync_wait` for every one to arrive."""
         waiting = self._awaiting_owners
         wait = self.config.sync_wait
-        if not waiting or wait is None or self.channel is None:
-            waiting.clear()
-            return
         self._owners_answered.clear()
-        if self._stop_requested:
-            # stop() came before the wait began, so it could not end it.
-            waiting.clear()
-            return
-        request = SyncRequestMessage(origin=self.replica_id)
         try:
-            await self.channel.publish(self.subjects.sync, request)
+            # A stop() that came before the event was cleared cannot end the
+            # wait, so its flag is checked here.
+            channel = self.channel
+            if not waiting or wait is None or channel is None or self._stop_requested:
+                return
+            request = SyncRequestMessage(origin=self.replica_id)
+            await channel.publish(self.subjects.sync, request)
             async with asyncio.timeout(wait):
                 await self._owners_answered.wait()
         except (BusError, CodecError) as exc:
             logger.warning(
-                "replica %r could not ask owners for current statuses: %s",
+                "replica %r failed to request current statuses from owners: %s",
                 self.replica_id,
                 exc,
             )
@@ -306,25 +304,19 @@ class Replica:
         Peers that hold that version already ignore the message.
         """
         operations = self.operations
-        if message.origin == self.replica_id or self.channel is None:
+        if message.origin == self.replica_id:
             return
         for job_id in operations.owned_jobs:
             status = operations.get_status(job_id)
             version = operations.version_of(job_id)
             if status is None or version is None:
                 continue
-            progress = ProgressMessage(
-                job_id=job_id, status=status, origin=self.replica_id, version=version
+            await operations.publish_status(
+                job_id,
+                status,
+                version,
+                what=f"status for starting replica {message.origin!r}",
             )
-            try:
-                await self.channel.publish(self.subjects.progress(job_id), progress)
-            except (BusError, CodecError) as exc:
-                logger.warning(
-                    "status of job %r not sent to starting replica %r: %s",
-                    job_id,
-                    message.origin,
-                    exc,
-                )
 
     async def _receive_progress(self, subject: str, message: ProgressMessage) -> None:
         waiting = self._awaiting_owners

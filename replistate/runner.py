@@ -113,9 +113,9 @@ class OperationRunner:
         # Claim the key with no await since it was checked, so a second request
         # on this replica finds it taken.
         # NOTE: a peer that still remembers the end of an earlier run under a
-        # reused job id ignores the new run's OpCache start event, and one that
-        # pruned the earlier run does not restore the new run's row in a resync;
-        # its statuses from the bus still apply.
+        # reused job id ignores the new run's OpCache start event. One that
+        # pruned the earlier run does not restore the new run's row in a resync,
+        # though the new run's statuses from the bus still apply.
         service.begin_run(job_id)
         service.opcache.restore(OpCacheEntry(cache_key, job_id, is_backend))
         service.op_types[job_id] = op_type
@@ -343,9 +343,9 @@ class OperationRunner:
                 else service.invalidations.invalidate_models
             )
             version = service.version_of(job_id)
-            # The element as the stored row names it, which the work may have
-            # changed, so that a resync replaying this invalidation sends the
-            # same one and the hooks run once.
+            # The element as the final status, and so the stored row, names it,
+            # which the work may have changed. A resync's replay of this
+            # invalidation then gives hooks the same element.
             ended = service.get_status(job_id)
             element = ended.gallery_element_name if ended else handle.element_name
             await invalidate(

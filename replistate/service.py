@@ -24,10 +24,7 @@ import attrs
 
 from replistate.bus.base import Channel
 from replistate.cancel import CancelFunction, CancelOutcome, CancelRouter
-from replistate.codec import (
-    CancelMessage,
-    ProgressMessage,
-)
+from replistate.codec import CancelMessage, ProgressMessage
 from replistate.errors import BusError, CodecError
 from replistate.invalidation import Invalidations
 from replistate.models import NodeProgress, OperationRecord, OpState, OpStatus, OpType
@@ -217,14 +214,7 @@ class OperationsService:
         self._apply(job_id, status, version)
         applied = self._held[job_id].status
 
-        if self.channel is not None:
-            message = ProgressMessage(
-                job_id=job_id, status=applied, origin=self.replica_id, version=version
-            )
-            try:
-                await self.channel.publish(self.subjects.progress(job_id), message)
-            except (BusError, CodecError) as exc:
-                logger.warning("status of job %r not published: %s", job_id, exc)
+        await self.publish_status(job_id, applied, version)
         if self.writer is not None:
             entry = self.opcache.get_by_job(job_id)
             self.writer.submit(
@@ -294,17 +284,9 @@ class OperationsService:
             job_id,
             held.status.state.value,
         )
-        if self.channel is not None:
-            message = ProgressMessage(
-                job_id=job_id,
-                status=held.status,
-                origin=self.replica_id,
-                version=self._held[job_id].version,
-            )
-            try:
-                await self.channel.publish(self.subjects.progress(job_id), message)
-            except (BusError, CodecError) as exc:
-                logger.warning("repaired job %r not published: %s", job_id, exc)
+        await self.publish_status(
+            job_id, held.status, self._held[job_id].version, what="repaired status"
+        )
 
     async def adopt_stored(self, stored: OperationRecord) -> OpStatus:
         """Hold and publish the terminal state the store decided for a job.
@@ -323,15 +305,31 @@ class OperationsService:
         self._held[job_id] = _MirroredStatus(status, version)
         self._note_terminal(job_id, status)
         self._changed(job_id, status)
-        if self.channel is not None:
-            message = ProgressMessage(
-                job_id=job_id, status=status, origin=self.replica_id, version=version
-            )
-            try:
-                await self.channel.publish(self.subjects.progress(job_id), message)
-            except (BusError, CodecError) as exc:
-                logger.warning("stored state of job %r not published: %s", job_id, exc)
+        await self.publish_status(job_id, status, version, what="stored state")
         return status
+
+    async def publish_status(
+        self,
+        job_id: str,
+        status: OpStatus,
+        version: int | None,
+        *,
+        what: str = "status",
+    ) -> None:
+        """Publish `status` of `job_id` with `version` on its progress subject.
+
+        A failure is logged with `what` and the job id, not raised, because the
+        store and the resyncs of peers carry the state too.
+        """
+        if self.channel is None:
+            return
+        message = ProgressMessage(
+            job_id=job_id, status=status, origin=self.replica_id, version=version
+        )
+        try:
+            await self.channel.publish(self.subjects.progress(job_id), message)
+        except (BusError, CodecError) as exc:
+            logger.warning("%s of job %r not published: %s", what, job_id, exc)
 
     async def update_node(self, job_id: str, node: NodeProgress) -> OpStatus:
         """Apply one node's progress to the status of `job_id` and write it.

@@ -159,7 +159,7 @@ class Subjects:
 
     @property
     def sync(self) -> str:
-        """Subject on which a starting replica asks owners for current statuses.
+        """Subject on which a starting replica requests owners' current statuses.
 
         It has two tokens, so it matches neither a job's progress or cancel
         subject nor the OpCache subjects, the ones LocalAI peers subscribe to.

@@ -373,8 +373,8 @@ async def test_cancel_of_non_cancellable(cluster: Cluster) -> None:
 
 
 async def test_cancel_on_closed_bus_answers(cluster: Cluster) -> None:
-    """With the bus closed and the intent not stored either, the request is
-    answered 503."""
+    """With the bus closed and the intent not stored either, the request gets
+    a 503 response."""
     a = await cluster.add("a")
     b = await cluster.add("b")
     job_id = await a.operations.start_operation("gallery@m", block)

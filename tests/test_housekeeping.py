@@ -306,9 +306,9 @@ async def test_cancel_with_bus_down_is_stored(cluster: Cluster) -> None:
     assert cluster.store.rows[job_id].cancel_requested is True
 
 
-async def test_cancel_with_bus_down_after_end_is_too_late(cluster: Cluster) -> None:
-    """With its bus down, a replica still holds a job as running after it ended;
-    the stored row shows the cancel comes too late."""
+async def test_bus_down_cancel_after_end_too_late(cluster: Cluster) -> None:
+    """With its bus down, a replica still shows a job as running after it ended.
+    The stored row shows that the cancel comes too late."""
     a = await add(cluster, "a")
     b = await add(cluster, "b")
     release = asyncio.Event()

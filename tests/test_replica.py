@@ -269,7 +269,7 @@ async def test_late_replica_shows_current_progress() -> None:
 
 
 async def test_stop_ends_wait_for_owners() -> None:
-    """A stop during start does not wait for owners that do not answer."""
+    """A stop during start does not wait for owners that do not respond."""
     broker, store = InMemoryBroker(), InMemoryStore()
     a = Replica(ReplicaConfig(replica_id="a"), bus=broker.connect(), store=store)
     await a.start()

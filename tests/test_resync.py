@@ -536,7 +536,7 @@ async def test_reconnect_replay_runs_hook_once(
     element_name: str, renamed: str | None
 ) -> None:
     """The replayed invalidation of a job names the element as the store has
-    it, which may differ from the live one; the hook still runs once."""
+    it, which may differ from the live one. The hook still runs once."""
     cluster = ReplicaCluster(
         defaults={"start_resync_delay": None, "resync_interval": None}
     )
