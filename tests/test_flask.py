@@ -241,6 +241,9 @@ def test_thread_work_sees_cancel(make_app: AppFactory) -> None:
 
     job_id = ext_a.start_operation("gallery@model-a", wait_for_cancel)
     wait_until(lambda: job_id in listed(client_b), "job listed on b")
+    # A cancel that arrives while the job is still queued skips the work, so the
+    # work must have started for it to see the cancel.
+    wait_until(lambda: "before" in seen, "work started")
     status, body = ext_b.cancel(job_id)
 
     assert status == 202
